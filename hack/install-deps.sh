@@ -1,0 +1,40 @@
+#!/usr/bin/env bash
+# Installs everything the project needs on a fresh Debian 12 machine:
+# containerd 1.6 + runc (Debian stable), containerd 2.1 (Debian unstable's
+# package, unpacked into a private folder), and the tools the tests use.
+set -euo pipefail
+HERE=$(cd "$(dirname "$0")" && pwd)
+PREFIX=${KUASAR_DEPS:-/opt/kuasar-deps}
+
+export DEBIAN_FRONTEND=noninteractive
+need=()
+for p in containerd runc busybox-static containernetworking-plugins iproute2 jq procps psmisc util-linux; do
+  dpkg -s "$p" >/dev/null 2>&1 || need+=("$p")
+done
+if [ ${#need[@]} -gt 0 ]; then
+  apt-get update -qq
+  apt-get install -y -qq --no-install-recommends "${need[@]}" >/dev/null
+fi
+# Debian's postinst may start a system containerd; the project never uses it.
+if command -v systemctl >/dev/null 2>&1 && systemctl is-active -q containerd 2>/dev/null; then
+  systemctl disable --now containerd >/dev/null 2>&1 || true
+fi
+
+# containerd 2.1 from Debian unstable, unpacked privately (never installed).
+if [ ! -x "$PREFIX/containerd-2/usr/bin/containerd" ]; then
+  tmp=$(mktemp -d)
+  trap 'rm -rf "$tmp"' EXIT
+  mkdir -p "$tmp/lists/partial" "$tmp/archives"
+  awk 'BEGIN{RS="";ORS="\n\n"} NR==1' /etc/apt/sources.list.d/debian.sources \
+    | sed -e 's/^Suites:.*/Suites: sid/' > "$tmp/sid.sources"
+  opts=(-o Dir::Etc::sourcelist="$tmp/sid.sources" -o Dir::Etc::sourceparts=- \
+        -o Dir::State::Lists="$tmp/lists" -o Dir::Cache::Archives="$tmp/archives" \
+        -o APT::Sandbox::User=root)
+  apt-get "${opts[@]}" update -qq
+  (cd "$tmp" && apt-get "${opts[@]}" download containerd >/dev/null)
+  mkdir -p "$PREFIX/containerd-2"
+  dpkg-deb -x "$tmp"/containerd_*.deb "$PREFIX/containerd-2"
+fi
+"$PREFIX/containerd-2/usr/bin/containerd" --version
+containerd --version
+runc --version | head -1

@@ -1,0 +1,5 @@
+//! `containerd-shim-kuasarvmm-v1`: see `kuasar_protocol::shim`.
+
+fn main() -> std::process::ExitCode {
+    kuasar_protocol::shim::main(kuasar_protocol::Kind::Vmm)
+}
