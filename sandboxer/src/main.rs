@@ -1,1 +1,67 @@
-fn main(){}
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::Parser;
+use kuasar_sandboxer::config::{Config, DEFAULT_CONFIG};
+
+/// The resident kuasar sandboxer: serves containerd's Task API for every
+/// container started through the containerd-shim-kuasar*-v1 runtimes.
+#[derive(Parser)]
+#[command(version)]
+struct Cli {
+    /// Configuration file (TOML).
+    #[arg(long)]
+    config: Option<PathBuf>,
+    /// Directory for task sockets, state and runc's root.
+    #[arg(long)]
+    root: Option<PathBuf>,
+    /// The private socket the shims dial.
+    #[arg(long)]
+    listen: Option<PathBuf>,
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let explicit = cli.config.is_some();
+    let path = cli.config.unwrap_or_else(|| DEFAULT_CONFIG.into());
+    let mut config = match Config::load(&path, explicit) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("kuasar-sandboxer: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    if let Some(root) = cli.root {
+        config.root = root;
+    }
+    if let Some(listen) = cli.listen {
+        config.listen = Some(listen);
+    }
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(&config.log_level));
+    tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).init();
+
+    // Orphaned container processes must be re-parented to the daemon so
+    // that it sees their exits. Set before any thread or child exists.
+    // SAFETY: PR_SET_CHILD_SUBREAPER takes one integer argument.
+    if unsafe { libc::prctl(libc::PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) } != 0 {
+        let e = std::io::Error::last_os_error();
+        eprintln!("kuasar-sandboxer: cannot become child subreaper: {e}");
+        return ExitCode::FAILURE;
+    }
+    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("kuasar-sandboxer: starting the runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(kuasar_sandboxer::run(config)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            tracing::error!("{e}");
+            eprintln!("kuasar-sandboxer: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}

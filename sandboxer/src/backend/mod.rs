@@ -1,0 +1,81 @@
+//! The seam between the generic task layer and what runs the workload.
+//! A backend says only how to run a container of its kind; the Task API,
+//! events, stdio plumbing, rootfs mounts and persistence live above it.
+
+pub mod runc;
+
+use std::path::PathBuf;
+
+use async_trait::async_trait;
+use containerd_shim_protos::api::ProcessInfo;
+use kuasar_protocol::Kind;
+use protobuf::well_known_types::any::Any;
+use tokio::sync::mpsc;
+
+use crate::error::Result;
+use crate::stdio::StdioPaths;
+
+/// A process of a container ended: (exec id, `None` for the init process;
+/// exit status in containerd's convention).
+pub type Exit = (Option<String>, u32);
+
+/// Where a container reports the exits of its processes.
+pub type ExitSink = mpsc::UnboundedSender<Exit>;
+
+/// What a backend needs to create a container. The bundle holds
+/// `config.json`, and its `rootfs` is already mounted.
+pub struct CreateRequest {
+    pub namespace: String,
+    pub id: String,
+    pub bundle: PathBuf,
+    pub stdio: StdioPaths,
+    pub exits: ExitSink,
+}
+
+#[async_trait]
+pub trait Backend: Send + Sync {
+    fn kind(&self) -> Kind;
+
+    /// Creates the container; its init process exists but has not started.
+    async fn create(&self, req: CreateRequest) -> Result<Box<dyn Container>>;
+
+    /// Removes whatever is left of a container the daemon no longer tracks
+    /// (containerd's `shim delete` after a lost connection or a restart).
+    async fn cleanup(&self, namespace: &str, id: &str) -> Result<()>;
+}
+
+/// One container of a backend. `exec_id` `None` means the init process.
+#[async_trait]
+pub trait Container: Send + Sync {
+    /// The init process's pid (0 where a backend has no host process).
+    fn pid(&self) -> u32;
+
+    async fn start(&self) -> Result<u32>;
+
+    /// Starts a process added with Exec; `spec` is the OCI process as JSON.
+    async fn exec(&self, exec_id: &str, spec: &[u8], stdio: &StdioPaths) -> Result<u32>;
+
+    async fn kill(&self, exec_id: Option<&str>, signal: u32, all: bool) -> Result<()>;
+
+    async fn pause(&self) -> Result<()>;
+
+    async fn resume(&self) -> Result<()>;
+
+    /// `resources` is an OCI `LinuxResources` as JSON.
+    async fn update(&self, resources: &[u8]) -> Result<()>;
+
+    /// An Any of `io.containerd.cgroups.v1.Metrics` or `...v2.Metrics`.
+    async fn stats(&self) -> Result<Any>;
+
+    async fn pids(&self) -> Result<Vec<ProcessInfo>>;
+
+    async fn resize_pty(&self, exec_id: Option<&str>, width: u32, height: u32) -> Result<()>;
+
+    async fn close_stdin(&self, exec_id: Option<&str>) -> Result<()>;
+
+    /// Releases an exited exec process's resources.
+    async fn delete_exec(&self, exec_id: &str);
+
+    /// Removes the container; `force` kills what still runs.
+    async fn delete(&self, force: bool) -> Result<()>;
+}

@@ -1,0 +1,403 @@
+//! The runc backend: containers run by the `runc` binary, with the daemon
+//! as their subreaper.
+
+mod cli;
+mod console;
+mod stats;
+
+use std::collections::HashMap;
+use std::os::fd::OwnedFd;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use async_trait::async_trait;
+use containerd_shim_protos::api::ProcessInfo;
+use kuasar_protocol::shim::BundleRuntime;
+use kuasar_protocol::Kind;
+use nix::sys::signal::Signal;
+use nix::unistd::Pid;
+use protobuf::well_known_types::any::Any;
+use tokio::sync::Mutex;
+
+use self::cli::{RuncCli, RuncStdio};
+use self::console::ConsoleSocket;
+use super::{Backend, Container, CreateRequest, ExitSink};
+use crate::error::{io_context, Error, Result};
+use crate::reaper::Reaper;
+use crate::stdio::{self, IoTasks, StdioPaths};
+
+pub struct Runc {
+    cli: Arc<RuncCli>,
+    /// Console sockets are created here (short paths: sun_path is 108 bytes).
+    console_dir: PathBuf,
+}
+
+impl Runc {
+    pub fn new(binary: String, root: &Path, reaper: Arc<Reaper>) -> Runc {
+        Runc {
+            cli: Arc::new(RuncCli {
+                binary,
+                root: root.join("runc"),
+                reaper,
+            }),
+            console_dir: root.join("c"),
+        }
+    }
+}
+
+#[async_trait]
+impl Backend for Runc {
+    fn kind(&self) -> Kind {
+        Kind::Runc
+    }
+
+    async fn create(&self, req: CreateRequest) -> Result<Box<dyn Container>> {
+        // Lets `shim delete` clean up with runc even when the daemon is down.
+        let runtime = BundleRuntime {
+            runc_binary: self.cli.binary.clone(),
+            runc_root: self.cli.root_for(&req.namespace).display().to_string(),
+        };
+        let runtime_file = req.bundle.join(kuasar_protocol::BUNDLE_RUNTIME_FILE);
+        kuasar_protocol::shim::write_atomic(&runtime_file, &serde_json::to_vec(&runtime).unwrap_or_default())
+            .map_err(io_context(format!("writing {}", runtime_file.display())))?;
+
+        let bundle = req.bundle.display().to_string();
+        let pid_file = req.bundle.join("init.pid");
+        let args = vec![
+            "create".to_string(),
+            "--bundle".into(),
+            bundle,
+            "--pid-file".into(),
+            pid_file.display().to_string(),
+        ];
+        let launched = launch(
+            &self.cli,
+            &self.console_dir,
+            &req.namespace,
+            &req.id,
+            args,
+            &req.stdio,
+            &pid_file,
+            &req.bundle.join("log.json"),
+        )
+        .await?;
+        watch_exit(&self.cli.reaper, launched.pid, None, &req.exits);
+        Ok(Box::new(RuncContainer {
+            cli: self.cli.clone(),
+            console_dir: self.console_dir.clone(),
+            namespace: req.namespace,
+            id: req.id,
+            bundle: req.bundle,
+            pid: launched.pid,
+            exits: req.exits,
+            init: Mutex::new(launched.process),
+            execs: Mutex::new(HashMap::new()),
+        }))
+    }
+
+    async fn cleanup(&self, namespace: &str, id: &str) -> Result<()> {
+        match self.cli.run(namespace, &["delete", "--force", id]).await {
+            Ok(_) | Err(Error::NotFound(_)) => Ok(()),
+            Err(e) => Err(e),
+        }
+    }
+}
+
+/// The pieces a running process owns besides its pid.
+#[derive(Default)]
+struct ProcessIo {
+    io: IoTasks,
+    /// The terminal master, kept for ResizePty.
+    master: Option<OwnedFd>,
+}
+
+struct Launched {
+    pid: u32,
+    process: ProcessIo,
+}
+
+/// Runs `runc create` or `runc exec --detach` with the process's stdio and
+/// reads the new process's pid.
+#[allow(clippy::too_many_arguments)]
+async fn launch(
+    cli: &RuncCli,
+    console_dir: &Path,
+    namespace: &str,
+    id: &str,
+    mut args: Vec<String>,
+    paths: &StdioPaths,
+    pid_file: &Path,
+    log: &Path,
+) -> Result<Launched> {
+    let outputs = stdio::open_outputs(paths, namespace, id, &cli.reaper).await?;
+    let mut process = ProcessIo::default();
+    process.io.logger = outputs.logger;
+    if paths.terminal {
+        let console = ConsoleSocket::bind(console_dir)?;
+        args.push("--console-socket".into());
+        args.push(console.path().display().to_string());
+        args.push(id.into());
+        let receive = tokio::spawn(console.receive());
+        let null = || std::fs::File::open("/dev/null").map(OwnedFd::from).map_err(io_context("opening /dev/null"));
+        let ran = cli
+            .run_with_stdio(
+                namespace,
+                &args,
+                RuncStdio {
+                    stdin: null()?,
+                    stdout: null()?,
+                    stderr: null()?,
+                },
+                log,
+            )
+            .await;
+        if let Err(e) = ran {
+            receive.abort();
+            return Err(e);
+        }
+        let master = receive
+            .await
+            .map_err(|e| Error::Internal(format!("console task: {e}")))??;
+        let dup = |fd: &OwnedFd| fd.try_clone().map_err(io_context("duplicating the terminal"));
+        if !paths.stdin.is_empty() {
+            process.io.copy_stdin(&paths.stdin, dup(&master)?);
+        }
+        process.io.copy_output(dup(&master)?, outputs.stdout)?;
+        process.master = Some(master);
+    } else {
+        args.push(id.into());
+        let stdin = if paths.stdin.is_empty() {
+            std::fs::File::open("/dev/null")
+                .map(OwnedFd::from)
+                .map_err(io_context("opening /dev/null"))?
+        } else {
+            let (r, w) = stdio::pipe()?;
+            process.io.copy_stdin(&paths.stdin, w);
+            r
+        };
+        cli.run_with_stdio(
+            namespace,
+            &args,
+            RuncStdio {
+                stdin,
+                stdout: outputs.stdout,
+                stderr: outputs.stderr,
+            },
+            log,
+        )
+        .await?;
+    }
+    let pid = read_pid(pid_file)?;
+    Ok(Launched { pid, process })
+}
+
+fn read_pid(path: &Path) -> Result<u32> {
+    let text = std::fs::read_to_string(path).map_err(io_context(format!("reading {}", path.display())))?;
+    text.trim()
+        .parse()
+        .map_err(|_| Error::Internal(format!("{} holds no pid: {text:?}", path.display())))
+}
+
+/// Forwards the exit of `pid` to the task layer.
+fn watch_exit(reaper: &Reaper, pid: u32, exec_id: Option<String>, exits: &ExitSink) {
+    let rx = reaper.subscribe(pid as i32);
+    let exits = exits.clone();
+    tokio::spawn(async move {
+        if let Ok(code) = rx.await {
+            let _ = exits.send((exec_id, code));
+        }
+    });
+}
+
+struct RuncContainer {
+    cli: Arc<RuncCli>,
+    console_dir: PathBuf,
+    namespace: String,
+    id: String,
+    bundle: PathBuf,
+    pid: u32,
+    exits: ExitSink,
+    init: Mutex<ProcessIo>,
+    execs: Mutex<HashMap<String, (u32, ProcessIo)>>,
+}
+
+impl RuncContainer {
+    async fn runc(&self, args: &[&str]) -> Result<Vec<u8>> {
+        self.cli.run(&self.namespace, args).await
+    }
+
+    fn exec_file(&self, exec_id: &str, ext: &str) -> PathBuf {
+        self.bundle.join(format!("exec-{exec_id}.{ext}"))
+    }
+}
+
+#[async_trait]
+impl Container for RuncContainer {
+    fn pid(&self) -> u32 {
+        self.pid
+    }
+
+    async fn start(&self) -> Result<u32> {
+        self.runc(&["start", &self.id]).await?;
+        Ok(self.pid)
+    }
+
+    async fn exec(&self, exec_id: &str, spec: &[u8], paths: &StdioPaths) -> Result<u32> {
+        let mut process: serde_json::Value = serde_json::from_slice(spec)
+            .map_err(|e| Error::InvalidArgument(format!("exec process spec is not valid JSON: {e}")))?;
+        if let Some(obj) = process.as_object_mut() {
+            obj.insert("terminal".into(), paths.terminal.into());
+        }
+        let spec_file = self.exec_file(exec_id, "json");
+        kuasar_protocol::shim::write_atomic(&spec_file, &serde_json::to_vec(&process).unwrap_or_default())
+            .map_err(io_context(format!("writing {}", spec_file.display())))?;
+        let pid_file = self.exec_file(exec_id, "pid");
+        let args = vec![
+            "exec".to_string(),
+            "--detach".into(),
+            "--pid-file".into(),
+            pid_file.display().to_string(),
+            "--process".into(),
+            spec_file.display().to_string(),
+        ];
+        let launched = launch(
+            &self.cli,
+            &self.console_dir,
+            &self.namespace,
+            &self.id,
+            args,
+            paths,
+            &pid_file,
+            &self.exec_file(exec_id, "log"),
+        )
+        .await?;
+        watch_exit(&self.cli.reaper, launched.pid, Some(exec_id.to_string()), &self.exits);
+        self.execs
+            .lock()
+            .await
+            .insert(exec_id.to_string(), (launched.pid, launched.process));
+        Ok(launched.pid)
+    }
+
+    async fn kill(&self, exec_id: Option<&str>, signal: u32, all: bool) -> Result<()> {
+        match exec_id {
+            None => {
+                let sig = signal.to_string();
+                let mut args = vec!["kill"];
+                if all {
+                    args.push("--all");
+                }
+                args.extend([self.id.as_str(), sig.as_str()]);
+                self.runc(&args).await.map(|_| ())
+            }
+            Some(exec_id) => {
+                let pid = self
+                    .execs
+                    .lock()
+                    .await
+                    .get(exec_id)
+                    .map(|(pid, _)| *pid)
+                    .ok_or_else(|| Error::NotFound(format!("exec {exec_id} not found")))?;
+                let sig = Signal::try_from(signal as i32)
+                    .map_err(|_| Error::InvalidArgument(format!("invalid signal {signal}")))?;
+                nix::sys::signal::kill(Pid::from_raw(pid as i32), sig).map_err(|e| match e {
+                    nix::errno::Errno::ESRCH => Error::NotFound(format!("process {pid} already finished")),
+                    e => Error::Sys {
+                        what: format!("signalling exec {exec_id}"),
+                        source: e,
+                    },
+                })
+            }
+        }
+    }
+
+    async fn pause(&self) -> Result<()> {
+        self.runc(&["pause", &self.id]).await.map(|_| ())
+    }
+
+    async fn resume(&self) -> Result<()> {
+        self.runc(&["resume", &self.id]).await.map(|_| ())
+    }
+
+    async fn update(&self, resources: &[u8]) -> Result<()> {
+        let file = self.bundle.join("update-resources.json");
+        kuasar_protocol::shim::write_atomic(&file, resources)
+            .map_err(io_context(format!("writing {}", file.display())))?;
+        let file_arg = file.display().to_string();
+        let result = self.runc(&["update", "--resources", &file_arg, &self.id]).await;
+        let _ = std::fs::remove_file(&file);
+        result.map(|_| ())
+    }
+
+    async fn stats(&self) -> Result<Any> {
+        let out = self.runc(&["events", "--stats", &self.id]).await?;
+        Ok(stats::to_any_for_host(&stats::parse(&out)?))
+    }
+
+    async fn pids(&self) -> Result<Vec<ProcessInfo>> {
+        let out = self.runc(&["ps", "--format", "json", &self.id]).await?;
+        let pids: Vec<u32> = serde_json::from_slice::<Option<Vec<u32>>>(&out)
+            .map_err(|e| Error::Internal(format!("parsing runc ps: {e}")))?
+            .unwrap_or_default();
+        Ok(pids
+            .into_iter()
+            .map(|pid| {
+                let mut p = ProcessInfo::new();
+                p.pid = pid;
+                p
+            })
+            .collect())
+    }
+
+    async fn resize_pty(&self, exec_id: Option<&str>, width: u32, height: u32) -> Result<()> {
+        let resize = |p: &ProcessIo| match &p.master {
+            Some(m) => console::resize(m, width, height),
+            None => Err(Error::FailedPrecondition("process has no terminal".into())),
+        };
+        match exec_id {
+            None => resize(&*self.init.lock().await),
+            Some(e) => match self.execs.lock().await.get(e) {
+                Some((_, p)) => resize(p),
+                None => Err(Error::NotFound(format!("exec {e} not found"))),
+            },
+        }
+    }
+
+    async fn close_stdin(&self, exec_id: Option<&str>) -> Result<()> {
+        match exec_id {
+            None => self.init.lock().await.io.close_stdin().await,
+            Some(e) => match self.execs.lock().await.get_mut(e) {
+                Some((_, p)) => p.io.close_stdin().await,
+                None => return Err(Error::NotFound(format!("exec {e} not found"))),
+            },
+        }
+        Ok(())
+    }
+
+    async fn delete_exec(&self, exec_id: &str) {
+        if let Some((_, mut p)) = self.execs.lock().await.remove(exec_id) {
+            p.io.drain().await;
+        }
+        for ext in ["json", "pid", "log"] {
+            let _ = std::fs::remove_file(self.exec_file(exec_id, ext));
+        }
+    }
+
+    async fn delete(&self, force: bool) -> Result<()> {
+        let mut args = vec!["delete"];
+        if force {
+            args.push("--force");
+        }
+        args.push(&self.id);
+        match self.runc(&args).await {
+            Ok(_) | Err(Error::NotFound(_)) => {}
+            Err(e) => return Err(e),
+        }
+        self.init.lock().await.io.drain().await;
+        self.execs.lock().await.clear();
+        for f in ["init.pid", "log.json", kuasar_protocol::BUNDLE_RUNTIME_FILE] {
+            let _ = std::fs::remove_file(self.bundle.join(f));
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,122 @@
+//! Daemon configuration: a TOML file, with `--root` and `--listen` on the
+//! command line taking precedence.
+
+use std::path::{Path, PathBuf};
+
+use serde::Deserialize;
+
+use crate::error::{Error, Result};
+
+pub const DEFAULT_CONFIG: &str = "/etc/kuasar/sandboxer.toml";
+pub const DEFAULT_ROOT: &str = "/run/kuasar";
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Config {
+    /// Everything the daemon writes lives here: task sockets, state, runc's root.
+    pub root: PathBuf,
+    /// The private socket the shims dial; defaults to `<root>/sandboxer.sock`.
+    pub listen: Option<PathBuf>,
+    /// Peers (by uid) allowed on the private socket.
+    pub allowed_uids: Vec<u32>,
+    /// `tracing` filter, overridden by `RUST_LOG`.
+    pub log_level: String,
+    pub runc: RuncConfig,
+    pub wasm: BackendToggle,
+    pub vmm: BackendToggle,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct RuncConfig {
+    pub enabled: bool,
+    /// The runc binary, by path or looked up in `PATH`.
+    pub binary: String,
+}
+
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct BackendToggle {
+    pub enabled: bool,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            root: DEFAULT_ROOT.into(),
+            listen: None,
+            allowed_uids: vec![0],
+            log_level: "info".into(),
+            runc: RuncConfig::default(),
+            wasm: BackendToggle::default(),
+            vmm: BackendToggle::default(),
+        }
+    }
+}
+
+impl Default for RuncConfig {
+    fn default() -> Self {
+        RuncConfig {
+            enabled: true,
+            binary: "runc".into(),
+        }
+    }
+}
+
+impl Config {
+    /// Reads `path`; a missing file at the default location means defaults.
+    pub fn load(path: &Path, explicit: bool) -> Result<Config> {
+        match std::fs::read_to_string(path) {
+            Ok(text) => toml::from_str(&text).map_err(|e| {
+                Error::InvalidArgument(format!("config {}: {e}", path.display()))
+            }),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound && !explicit => Ok(Config::default()),
+            Err(e) => Err(Error::Io {
+                what: format!("reading config {}", path.display()),
+                source: e,
+            }),
+        }
+    }
+
+    pub fn listen_path(&self) -> PathBuf {
+        self.listen
+            .clone()
+            .unwrap_or_else(|| self.root.join("sandboxer.sock"))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn full_file_parses_and_unknown_keys_are_refused() {
+        let c: Config = toml::from_str(
+            r#"
+root = "/tmp/k"
+listen = "/tmp/k/s.sock"
+allowed_uids = [0, 1000]
+log_level = "debug"
+[runc]
+enabled = true
+binary = "/usr/sbin/runc"
+[wasm]
+enabled = false
+"#,
+        )
+        .unwrap();
+        assert_eq!(c.root, PathBuf::from("/tmp/k"));
+        assert_eq!(c.listen_path(), PathBuf::from("/tmp/k/s.sock"));
+        assert_eq!(c.allowed_uids, vec![0, 1000]);
+        assert_eq!(c.runc.binary, "/usr/sbin/runc");
+        assert!(!c.vmm.enabled);
+        assert!(toml::from_str::<Config>("roots = \"/x\"").is_err());
+    }
+
+    #[test]
+    fn missing_default_file_means_defaults_but_missing_explicit_file_is_an_error() {
+        let p = Path::new("/nonexistent/kuasar.toml");
+        assert_eq!(Config::load(p, false).unwrap().root, PathBuf::from(DEFAULT_ROOT));
+        assert!(Config::load(p, true).is_err());
+    }
+}

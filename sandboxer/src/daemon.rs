@@ -1,0 +1,331 @@
+//! The daemon's registry: sandboxes (one task socket each) and tasks, keyed
+//! by (namespace, id), and the two requests of the private API.
+
+use std::collections::{HashMap, HashSet};
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+
+use kuasar_protocol::{wire, Kind};
+use tokio::task::JoinHandle;
+
+use crate::backend::Backend;
+use crate::config::Config;
+use crate::error::{io_context, Error, Result};
+use crate::events::Publisher;
+use crate::ids;
+use crate::mount;
+use crate::reaper::Reaper;
+use crate::rpc;
+use crate::state::{Record, StateStore};
+use crate::task::{service::TaskService, Task};
+
+/// Exit status reported for a task containerd gave up on (128 + SIGKILL).
+const KILLED: u32 = 137;
+/// Longest `unix://` address containerd can dial.
+const MAX_ADDRESS: usize = 106;
+
+pub type Key = (String, String);
+
+/// A pod: its task socket, and the containers that belong to it.
+pub struct Sandbox {
+    pub namespace: String,
+    pub id: String,
+    pub kind: Kind,
+    pub socket: PathBuf,
+    pub address: String,
+    /// containerd's ttrpc socket, for this sandbox's events.
+    pub ttrpc_address: Mutex<String>,
+    /// Containers resolved to this sandbox and not yet deleted.
+    members: Mutex<HashSet<String>>,
+    listener: Mutex<Option<JoinHandle<()>>>,
+}
+
+#[derive(serde::Serialize)]
+struct SandboxRecord<'a> {
+    namespace: &'a str,
+    id: &'a str,
+    kind: &'a str,
+    address: &'a str,
+    ttrpc_address: String,
+    members: Vec<String>,
+}
+
+impl Sandbox {
+    pub fn ttrpc_address(&self) -> String {
+        self.ttrpc_address.lock().unwrap().clone()
+    }
+
+    pub fn add_member(&self, id: &str) {
+        self.members.lock().unwrap().insert(id.to_string());
+    }
+
+    fn record(&self) -> SandboxRecord<'_> {
+        SandboxRecord {
+            namespace: &self.namespace,
+            id: &self.id,
+            kind: self.kind.as_str(),
+            address: &self.address,
+            ttrpc_address: self.ttrpc_address(),
+            members: self.members.lock().unwrap().iter().cloned().collect(),
+        }
+    }
+}
+
+pub struct Daemon {
+    pub config: Config,
+    pub reaper: Arc<Reaper>,
+    pub publisher: Arc<Publisher>,
+    backends: HashMap<Kind, Arc<dyn Backend>>,
+    store: StateStore,
+    socket_dir: PathBuf,
+    sandboxes: Mutex<HashMap<Key, Arc<Sandbox>>>,
+    tasks: Mutex<HashMap<Key, Arc<Task>>>,
+}
+
+fn key(namespace: &str, id: &str) -> Key {
+    (namespace.to_string(), id.to_string())
+}
+
+/// A short, stable file name for a sandbox's socket: sun_path is 108 bytes.
+fn socket_name(namespace: &str, id: &str) -> String {
+    // FNV-1a, 64 bit.
+    let mut h: u64 = 0xcbf29ce484222325;
+    for b in namespace.bytes().chain([0]).chain(id.bytes()) {
+        h ^= b as u64;
+        h = h.wrapping_mul(0x100000001b3);
+    }
+    format!("{h:016x}.sock")
+}
+
+impl Daemon {
+    pub fn new(config: Config, reaper: Arc<Reaper>, backends: Vec<Arc<dyn Backend>>) -> Result<Arc<Daemon>> {
+        let root = config.root.clone();
+        let socket_dir = root.join("t");
+        for dir in [&root, &socket_dir] {
+            std::fs::create_dir_all(dir).map_err(io_context(format!("creating {}", dir.display())))?;
+            std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o711))
+                .map_err(io_context(format!("securing {}", dir.display())))?;
+        }
+        let longest = format!("unix://{}", socket_dir.join(socket_name("", "")).display());
+        if longest.len() >= MAX_ADDRESS {
+            return Err(Error::InvalidArgument(format!(
+                "root {} is too long: task addresses like {longest} exceed {MAX_ADDRESS} bytes",
+                root.display()
+            )));
+        }
+        Ok(Arc::new(Daemon {
+            store: StateStore::new(root.join("state")),
+            socket_dir,
+            config,
+            reaper,
+            publisher: Arc::new(Publisher::default()),
+            backends: backends.into_iter().map(|b| (b.kind(), b)).collect(),
+            sandboxes: Mutex::new(HashMap::new()),
+            tasks: Mutex::new(HashMap::new()),
+        }))
+    }
+
+    pub fn backend(&self, kind: Kind) -> Result<Arc<dyn Backend>> {
+        self.backends.get(&kind).cloned().ok_or_else(|| {
+            Error::FailedPrecondition(format!(
+                "the {kind} backend is not enabled in this kuasar-sandboxer"
+            ))
+        })
+    }
+
+    pub fn task(&self, namespace: &str, id: &str) -> Result<Arc<Task>> {
+        self.tasks
+            .lock()
+            .unwrap()
+            .get(&key(namespace, id))
+            .cloned()
+            .ok_or_else(|| Error::NotFound(format!("task {id} not found in namespace {namespace}")))
+    }
+
+    pub fn has_task(&self, namespace: &str, id: &str) -> bool {
+        self.tasks.lock().unwrap().contains_key(&key(namespace, id))
+    }
+
+    pub fn insert_task(&self, task: Arc<Task>) -> Result<()> {
+        let mut tasks = self.tasks.lock().unwrap();
+        let k = key(&task.namespace, &task.id);
+        if tasks.contains_key(&k) {
+            return Err(Error::AlreadyExists(format!("task {} already exists", task.id)));
+        }
+        tasks.insert(k, task);
+        Ok(())
+    }
+
+    pub fn save_task(&self, task: &Task) {
+        if let Err(e) = self.store.save(Record::Task, &task.namespace, &task.id, &task.record()) {
+            tracing::warn!("persisting task {}: {e}", task.id);
+        }
+    }
+
+    /// Drops a deleted task and, with its last container, its sandbox.
+    pub fn remove_task(&self, namespace: &str, id: &str) -> Option<Arc<Task>> {
+        let task = self.tasks.lock().unwrap().remove(&key(namespace, id));
+        self.store.remove(Record::Task, namespace, id);
+        let sandbox_id = task.as_ref().map(|t| t.sandbox_id.clone());
+        self.leave_sandbox(namespace, id, sandbox_id.as_deref());
+        task
+    }
+
+    fn save_sandbox(&self, sandbox: &Sandbox) {
+        if let Err(e) = self.store.save(Record::Sandbox, &sandbox.namespace, &sandbox.id, &sandbox.record()) {
+            tracing::warn!("persisting sandbox {}: {e}", sandbox.id);
+        }
+    }
+
+    /// Removes `id` from its sandbox; the last one out closes the socket.
+    /// Connections already accepted stay open until containerd closes them.
+    fn leave_sandbox(&self, namespace: &str, id: &str, sandbox_id: Option<&str>) {
+        let mut sandboxes = self.sandboxes.lock().unwrap();
+        let found = match sandbox_id {
+            Some(s) => sandboxes.get(&key(namespace, s)).cloned(),
+            None => sandboxes
+                .values()
+                .find(|s| s.namespace == namespace && s.members.lock().unwrap().contains(id))
+                .cloned(),
+        };
+        let Some(sandbox) = found else { return };
+        let empty = {
+            let mut m = sandbox.members.lock().unwrap();
+            m.remove(id);
+            m.is_empty()
+        };
+        if empty && !self.tasks.lock().unwrap().values().any(|t| t.namespace == namespace && t.sandbox_id == sandbox.id) {
+            sandboxes.remove(&key(namespace, &sandbox.id));
+            if let Some(h) = sandbox.listener.lock().unwrap().take() {
+                h.abort();
+            }
+            let _ = std::fs::remove_file(&sandbox.socket);
+            self.store.remove(Record::Sandbox, namespace, &sandbox.id);
+            tracing::info!(namespace, sandbox = %sandbox.id, "sandbox released");
+        } else {
+            self.save_sandbox(&sandbox);
+        }
+    }
+
+    fn parse_kind(&self, kind: &str) -> Result<Kind> {
+        let kind: Kind = kind.parse().map_err(Error::InvalidArgument)?;
+        self.backend(kind)?;
+        Ok(kind)
+    }
+
+    /// `shim start`: the address of the sandbox `req` belongs to, creating
+    /// the sandbox (and its listening socket) on first use.
+    pub fn resolve(self: &Arc<Self>, req: &wire::ResolveRequest) -> Result<String> {
+        let kind = self.parse_kind(&req.kind)?;
+        ids::validate("namespace", &req.namespace)?;
+        ids::validate("id", &req.id)?;
+        let sandbox_id = if req.group.is_empty() { &req.id } else { &req.group };
+        ids::validate("sandbox id", sandbox_id)?;
+        if !req.bundle.is_empty() && !Path::new(&req.bundle).is_absolute() {
+            return Err(Error::InvalidArgument(format!("bundle {:?} is not an absolute path", req.bundle)));
+        }
+        let sandbox = {
+            let mut sandboxes = self.sandboxes.lock().unwrap();
+            let k = key(&req.namespace, sandbox_id);
+            match sandboxes.get(&k) {
+                Some(s) if s.kind != kind => {
+                    return Err(Error::FailedPrecondition(format!(
+                        "sandbox {sandbox_id} runs the {} backend, not {kind}",
+                        s.kind
+                    )))
+                }
+                Some(s) => s.clone(),
+                None => {
+                    let s = self.open_sandbox(&req.namespace, sandbox_id, kind)?;
+                    sandboxes.insert(k, s.clone());
+                    s
+                }
+            }
+        };
+        if !req.ttrpc_address.is_empty() {
+            *sandbox.ttrpc_address.lock().unwrap() = req.ttrpc_address.clone();
+        }
+        sandbox.add_member(&req.id);
+        self.save_sandbox(&sandbox);
+        tracing::info!(namespace = %req.namespace, id = %req.id, sandbox = %sandbox.id, "resolved");
+        Ok(sandbox.address.clone())
+    }
+
+    /// Binds the sandbox's task socket and starts serving it.
+    fn open_sandbox(self: &Arc<Self>, namespace: &str, id: &str, kind: Kind) -> Result<Arc<Sandbox>> {
+        let socket = self.socket_dir.join(socket_name(namespace, id));
+        let _ = std::fs::remove_file(&socket);
+        let listener = tokio::net::UnixListener::bind(&socket)
+            .map_err(io_context(format!("binding task socket {}", socket.display())))?;
+        std::fs::set_permissions(&socket, std::fs::Permissions::from_mode(0o600))
+            .map_err(io_context(format!("securing {}", socket.display())))?;
+        let sandbox = Arc::new(Sandbox {
+            namespace: namespace.into(),
+            id: id.into(),
+            kind,
+            address: format!("unix://{}", socket.display()),
+            socket,
+            ttrpc_address: Mutex::new(String::new()),
+            members: Mutex::new(HashSet::new()),
+            listener: Mutex::new(None),
+        });
+        let handler: Arc<dyn rpc::Handler> = Arc::new(TaskService::new(self.clone(), sandbox.clone()));
+        *sandbox.listener.lock().unwrap() = Some(tokio::spawn(rpc::server::serve_listener(listener, handler)));
+        tracing::info!(namespace, sandbox = id, %kind, "sandbox opened");
+        Ok(sandbox)
+    }
+
+    /// `shim delete`: containerd has given up on this task (a dropped
+    /// connection, a failed reconnect, or the tail of a normal delete).
+    /// Kills and removes only this id; idempotent.
+    pub async fn shim_delete(&self, req: &wire::DeleteRequest) -> Result<wire::DeleteResponse> {
+        let kind = self.parse_kind(&req.kind)?;
+        ids::validate("namespace", &req.namespace)?;
+        ids::validate("id", &req.id)?;
+        let now = crate::task::nanos(std::time::SystemTime::now());
+        let Some(task) = self.tasks.lock().unwrap().get(&key(&req.namespace, &req.id)).cloned() else {
+            // Not tracked: make sure runc holds nothing and the rootfs is
+            // unmounted, as containerd-shim-runc-v2 does.
+            self.backend(kind)?.cleanup(&req.namespace, &req.id).await?;
+            if !req.bundle.is_empty() {
+                mount::unmount_all(&Path::new(&req.bundle).join("rootfs"))?;
+            }
+            self.leave_sandbox(&req.namespace, &req.id, None);
+            return Ok(wire::DeleteResponse {
+                pid: 0,
+                exit_status: KILLED,
+                exited_at_nanos: now,
+            });
+        };
+        let view = task.init.view();
+        if view.exit.is_none() {
+            let _ = task.container.kill(None, libc::SIGKILL as u32, true).await;
+        }
+        task.container.delete(true).await?;
+        if task.rootfs_mounted {
+            mount::unmount_all(&task.bundle.join("rootfs"))?;
+        }
+        self.remove_task(&req.namespace, &req.id);
+        let exit = task.init.view().exit;
+        Ok(wire::DeleteResponse {
+            pid: view.pid,
+            exit_status: exit.map(|e| e.status).unwrap_or(KILLED),
+            exited_at_nanos: exit.map(|e| crate::task::nanos(e.at)).unwrap_or(now),
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::socket_name;
+
+    #[test]
+    fn socket_names_are_short_and_distinct_per_namespace() {
+        let a = socket_name("default", "pod");
+        assert_eq!(a.len(), 21);
+        assert_ne!(a, socket_name("k8s.io", "pod"));
+        assert_ne!(socket_name("a", "bc"), socket_name("ab", "c"));
+        assert_eq!(a, socket_name("default", "pod"));
+    }
+}

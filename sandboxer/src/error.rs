@@ -1,0 +1,71 @@
+//! The daemon's one error type, and the one place it becomes a gRPC status.
+
+use std::io;
+
+use kuasar_protocol::Code;
+
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("{0}")]
+    InvalidArgument(String),
+    #[error("{0}")]
+    NotFound(String),
+    #[error("{0}")]
+    AlreadyExists(String),
+    #[error("{0}")]
+    FailedPrecondition(String),
+    #[error("{0}")]
+    Unimplemented(String),
+    #[error("{0}")]
+    Unavailable(String),
+    #[error("{0}")]
+    ResourceExhausted(String),
+    #[error("{what}: {source}")]
+    Io { what: String, source: io::Error },
+    #[error("{what}: {source}")]
+    Sys { what: String, source: nix::Error },
+    /// A runtime command (runc) failed; `message` is its own error text.
+    #[error("{command}: {message}")]
+    Runtime { command: String, message: String },
+    #[error("{0}")]
+    Internal(String),
+}
+
+impl Error {
+    pub fn code(&self) -> Code {
+        match self {
+            Error::InvalidArgument(_) => Code::InvalidArgument,
+            Error::NotFound(_) => Code::NotFound,
+            Error::AlreadyExists(_) => Code::AlreadyExists,
+            Error::FailedPrecondition(_) => Code::FailedPrecondition,
+            Error::Unimplemented(_) => Code::Unimplemented,
+            Error::Unavailable(_) => Code::Unavailable,
+            Error::ResourceExhausted(_) => Code::ResourceExhausted,
+            Error::Io { source, .. } if source.kind() == io::ErrorKind::NotFound => Code::NotFound,
+            Error::Io { .. } | Error::Sys { .. } | Error::Runtime { .. } => Code::Unknown,
+            Error::Internal(_) => Code::Internal,
+        }
+    }
+
+    /// The ttrpc status containerd receives for this error.
+    pub fn to_status(&self) -> ttrpc::proto::Status {
+        let mut s = ttrpc::proto::Status::new();
+        s.code = protobuf::EnumOrUnknown::from_i32(self.code() as i32);
+        s.message = self.to_string();
+        s
+    }
+}
+
+/// Wraps an I/O error with what was being done.
+pub fn io_context(what: impl Into<String>) -> impl FnOnce(io::Error) -> Error {
+    let what = what.into();
+    move |source| Error::Io { what, source }
+}
+
+/// Wraps a system-call error with what was being done.
+pub fn sys_context(what: impl Into<String>) -> impl FnOnce(nix::Error) -> Error {
+    let what = what.into();
+    move |source| Error::Sys { what, source }
+}

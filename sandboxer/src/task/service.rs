@@ -1,0 +1,436 @@
+//! The shim-v2 Task API (served as both `containerd.task.v2.Task` and
+//! `containerd.task.v3.Task`) over any backend.
+
+use std::sync::Arc;
+
+use async_trait::async_trait;
+use containerd_shim_protos::api::*;
+use containerd_shim_protos::events::task::{TaskCreate, TaskDelete, TaskExecAdded, TaskIO, TaskPaused, TaskResumed};
+use protobuf::Message;
+
+use super::{timestamp, EventTarget, Process, Task, TOPIC_CREATE, TOPIC_DELETE, TOPIC_EXEC_ADDED, TOPIC_PAUSED, TOPIC_RESUMED};
+use crate::backend::CreateRequest;
+use crate::daemon::{Daemon, Sandbox};
+use crate::error::{Error, Result};
+use crate::rpc::{Handler, RequestContext};
+use crate::stdio::StdioPaths;
+use crate::{ids, mount};
+
+pub const SERVICES: [&str; 2] = ["containerd.task.v2.Task", "containerd.task.v3.Task"];
+
+/// The Task API as served on one sandbox's socket.
+pub struct TaskService {
+    daemon: Arc<Daemon>,
+    sandbox: Arc<Sandbox>,
+}
+
+fn decode<M: Message>(payload: &[u8]) -> Result<M> {
+    M::parse_from_bytes(payload).map_err(|e| Error::InvalidArgument(format!("malformed request: {e}")))
+}
+
+fn encode(msg: &impl Message) -> Result<Vec<u8>> {
+    msg.write_to_bytes()
+        .map_err(|e| Error::Internal(format!("encoding response: {e}")))
+}
+
+#[async_trait]
+impl Handler for TaskService {
+    async fn handle(&self, ctx: RequestContext, service: &str, method: &str, payload: &[u8]) -> Result<Vec<u8>> {
+        if !SERVICES.contains(&service) {
+            return Err(Error::Unimplemented(format!("service {service} is not served here")));
+        }
+        let ns = ctx.namespace.unwrap_or_else(|| self.sandbox.namespace.clone());
+        ids::validate("namespace", &ns)?;
+        macro_rules! call {
+            ($f:ident) => {
+                encode(&self.$f(&ns, decode(payload)?).await?)
+            };
+        }
+        match method {
+            "Create" => call!(create),
+            "Start" => call!(start),
+            "Delete" => call!(delete),
+            "Pids" => call!(pids),
+            "Pause" => call!(pause),
+            "Resume" => call!(resume),
+            "Checkpoint" => call!(checkpoint),
+            "Kill" => call!(kill),
+            "Exec" => call!(exec),
+            "ResizePty" => call!(resize_pty),
+            "CloseIO" => call!(close_io),
+            "Update" => call!(update),
+            "Wait" => call!(wait),
+            "Stats" => call!(stats),
+            "Connect" => call!(connect),
+            "Shutdown" => call!(shutdown),
+            "State" => call!(state),
+            other => Err(Error::Unimplemented(format!("/{service}/{other} is not implemented"))),
+        }
+    }
+}
+
+fn not_running(task: &Task, what: &str) -> Error {
+    Error::FailedPrecondition(format!("cannot {what}: task {} is not running", task.id))
+}
+
+impl TaskService {
+    pub fn new(daemon: Arc<Daemon>, sandbox: Arc<Sandbox>) -> TaskService {
+        TaskService { daemon, sandbox }
+    }
+
+    fn process(&self, task: &Task, exec_id: &str) -> Result<Arc<Process>> {
+        task.process(exec_id)
+            .ok_or_else(|| Error::NotFound(format!("exec {exec_id} not found in task {}", task.id)))
+    }
+
+    async fn create(&self, ns: &str, req: CreateTaskRequest) -> Result<CreateTaskResponse> {
+        ids::validate("id", &req.id)?;
+        if !req.checkpoint.is_empty() {
+            return Err(Error::Unimplemented("restoring from a checkpoint is not supported".into()));
+        }
+        if self.daemon.has_task(ns, &req.id) {
+            return Err(Error::AlreadyExists(format!("task {} already exists", req.id)));
+        }
+        let backend = self.daemon.backend(self.sandbox.kind)?;
+        let bundle = std::path::PathBuf::from(&req.bundle);
+        if !bundle.is_absolute() {
+            return Err(Error::InvalidArgument(format!("bundle {:?} is not an absolute path", req.bundle)));
+        }
+        let rootfs = bundle.join("rootfs");
+        if !req.rootfs.is_empty() {
+            mount::mount_rootfs(&req.rootfs, &rootfs)?;
+        }
+        let stdio = StdioPaths {
+            stdin: req.stdin.clone(),
+            stdout: req.stdout.clone(),
+            stderr: req.stderr.clone(),
+            terminal: req.terminal,
+        };
+        let (exits_tx, mut exits_rx) = tokio::sync::mpsc::unbounded_channel();
+        let created = backend
+            .create(CreateRequest {
+                namespace: ns.into(),
+                id: req.id.clone(),
+                bundle: bundle.clone(),
+                stdio: stdio.clone(),
+                exits: exits_tx,
+            })
+            .await;
+        let container = match created {
+            Ok(c) => c,
+            Err(e) => {
+                if !req.rootfs.is_empty() {
+                    let _ = mount::unmount_all(&rootfs);
+                }
+                return Err(e);
+            }
+        };
+        let pid = container.pid();
+        self.sandbox.add_member(&req.id);
+        let task = Arc::new(Task {
+            namespace: ns.into(),
+            id: req.id.clone(),
+            sandbox_id: self.sandbox.id.clone(),
+            kind: self.sandbox.kind,
+            bundle,
+            rootfs_mounted: !req.rootfs.is_empty(),
+            container,
+            init: Arc::new(Process::new(&req.id, "", stdio, Vec::new(), pid)),
+            execs: Default::default(),
+            events: EventTarget {
+                publisher: self.daemon.publisher.clone(),
+                address: self.sandbox.ttrpc_address(),
+                namespace: ns.into(),
+            },
+        });
+        if let Err(e) = self.daemon.insert_task(task.clone()) {
+            let _ = task.container.delete(true).await;
+            if task.rootfs_mounted {
+                let _ = mount::unmount_all(&rootfs);
+            }
+            return Err(e);
+        }
+        // Exits flow from the backend into the task for as long as it lives.
+        let weak = Arc::downgrade(&task);
+        let daemon = self.daemon.clone();
+        tokio::spawn(async move {
+            while let Some((exec_id, status)) = exits_rx.recv().await {
+                let Some(task) = weak.upgrade() else { break };
+                task.on_exit(exec_id.as_deref(), status);
+                if exec_id.is_none() {
+                    daemon.save_task(&task);
+                }
+            }
+        });
+        self.daemon.save_task(&task);
+
+        let mut ev = TaskCreate::new();
+        ev.container_id = req.id.clone();
+        ev.bundle = req.bundle.clone();
+        ev.rootfs = req.rootfs.clone();
+        let mut io = TaskIO::new();
+        io.stdin = req.stdin.clone();
+        io.stdout = req.stdout.clone();
+        io.stderr = req.stderr.clone();
+        io.terminal = req.terminal;
+        ev.io = Some(io).into();
+        ev.checkpoint = req.checkpoint.clone();
+        ev.pid = pid;
+        task.events.publish(TOPIC_CREATE, &ev);
+
+        let mut resp = CreateTaskResponse::new();
+        resp.pid = pid;
+        Ok(resp)
+    }
+
+    async fn start(&self, ns: &str, req: StartRequest) -> Result<StartResponse> {
+        let task = self.daemon.task(ns, &req.id)?;
+        let process = self.process(&task, &req.exec_id)?;
+        if process.view().status != Status::CREATED {
+            return Err(Error::FailedPrecondition(format!(
+                "process {} of task {} was already started",
+                if req.exec_id.is_empty() { "init" } else { &req.exec_id },
+                req.id
+            )));
+        }
+        let pid = if process.is_init() {
+            task.container.start().await?
+        } else {
+            if task.init.view().exit.is_some() {
+                return Err(not_running(&task, "start an exec"));
+            }
+            task.container.exec(&req.exec_id, &process.spec, &process.stdio).await?
+        };
+        process.started(pid, &task.events);
+        if process.is_init() {
+            self.daemon.save_task(&task);
+        }
+        let mut resp = StartResponse::new();
+        resp.pid = pid;
+        Ok(resp)
+    }
+
+    async fn delete(&self, ns: &str, req: DeleteRequest) -> Result<DeleteResponse> {
+        let task = self.daemon.task(ns, &req.id)?;
+        let process = self.process(&task, &req.exec_id)?;
+        let view = process.view();
+        if matches!(view.status, Status::RUNNING | Status::PAUSED) {
+            return Err(Error::FailedPrecondition(format!(
+                "cannot delete a running process ({} of task {})",
+                if req.exec_id.is_empty() { "init" } else { &req.exec_id },
+                req.id
+            )));
+        }
+        let exit_at = view.exit.map(|e| e.at).unwrap_or_else(std::time::SystemTime::now);
+        let exit_status = view.exit.map(|e| e.status).unwrap_or(0);
+        if process.is_init() {
+            task.container.delete(view.status == Status::CREATED).await?;
+            if task.rootfs_mounted {
+                mount::unmount_all(&task.bundle.join("rootfs"))?;
+            }
+            self.daemon.remove_task(ns, &req.id);
+            let mut ev = TaskDelete::new();
+            ev.container_id = req.id.clone();
+            ev.id = req.id.clone();
+            ev.pid = view.pid;
+            ev.exit_status = exit_status;
+            ev.exited_at = Some(timestamp(exit_at)).into();
+            task.events.publish(TOPIC_DELETE, &ev);
+        } else {
+            task.container.delete_exec(&req.exec_id).await;
+            task.execs.lock().unwrap().remove(&req.exec_id);
+        }
+        let mut resp = DeleteResponse::new();
+        resp.pid = view.pid;
+        resp.exit_status = exit_status;
+        resp.exited_at = Some(timestamp(exit_at)).into();
+        Ok(resp)
+    }
+
+    async fn pids(&self, ns: &str, req: PidsRequest) -> Result<PidsResponse> {
+        let task = self.daemon.task(ns, &req.id)?;
+        let mut resp = PidsResponse::new();
+        if task.init.view().exit.is_none() {
+            resp.processes = task.container.pids().await?;
+        }
+        Ok(resp)
+    }
+
+    async fn pause(&self, ns: &str, req: PauseRequest) -> Result<Empty> {
+        let task = self.daemon.task(ns, &req.id)?;
+        if task.init.view().status != Status::RUNNING {
+            return Err(not_running(&task, "pause"));
+        }
+        task.container.pause().await?;
+        task.init.set_status(Status::PAUSED);
+        let mut ev = TaskPaused::new();
+        ev.container_id = req.id.clone();
+        task.events.publish(TOPIC_PAUSED, &ev);
+        Ok(Empty::new())
+    }
+
+    async fn resume(&self, ns: &str, req: ResumeRequest) -> Result<Empty> {
+        let task = self.daemon.task(ns, &req.id)?;
+        if task.init.view().status != Status::PAUSED {
+            return Err(Error::FailedPrecondition(format!("cannot resume: task {} is not paused", req.id)));
+        }
+        task.container.resume().await?;
+        task.init.set_status(Status::RUNNING);
+        let mut ev = TaskResumed::new();
+        ev.container_id = req.id.clone();
+        task.events.publish(TOPIC_RESUMED, &ev);
+        Ok(Empty::new())
+    }
+
+    async fn checkpoint(&self, ns: &str, req: CheckpointTaskRequest) -> Result<Empty> {
+        self.daemon.task(ns, &req.id)?;
+        Err(Error::Unimplemented(format!(
+            "checkpoint is not supported by the kuasar {} backend",
+            self.sandbox.kind
+        )))
+    }
+
+    async fn kill(&self, ns: &str, req: KillRequest) -> Result<Empty> {
+        let task = self.daemon.task(ns, &req.id)?;
+        let process = self.process(&task, &req.exec_id)?;
+        if process.view().exit.is_some() {
+            return Err(Error::NotFound(format!(
+                "process {} of task {} already finished",
+                if req.exec_id.is_empty() { "init" } else { &req.exec_id },
+                req.id
+            )));
+        }
+        if process.view().status == Status::CREATED && !process.is_init() {
+            return Err(Error::FailedPrecondition(format!("exec {} has not started", req.exec_id)));
+        }
+        let exec = (!req.exec_id.is_empty()).then_some(req.exec_id.as_str());
+        task.container.kill(exec, req.signal, req.all).await?;
+        Ok(Empty::new())
+    }
+
+    async fn exec(&self, ns: &str, req: ExecProcessRequest) -> Result<Empty> {
+        let task = self.daemon.task(ns, &req.id)?;
+        ids::validate("exec id", &req.exec_id)?;
+        if task.init.view().exit.is_some() {
+            return Err(not_running(&task, "exec"));
+        }
+        let spec = req
+            .spec
+            .as_ref()
+            .map(|a| a.value.clone())
+            .ok_or_else(|| Error::InvalidArgument("exec request carries no process spec".into()))?;
+        let stdio = StdioPaths {
+            stdin: req.stdin.clone(),
+            stdout: req.stdout.clone(),
+            stderr: req.stderr.clone(),
+            terminal: req.terminal,
+        };
+        {
+            let mut execs = task.execs.lock().unwrap();
+            if execs.contains_key(&req.exec_id) {
+                return Err(Error::AlreadyExists(format!("exec {} already exists", req.exec_id)));
+            }
+            execs.insert(
+                req.exec_id.clone(),
+                Arc::new(Process::new(&req.id, &req.exec_id, stdio, spec, 0)),
+            );
+        }
+        let mut ev = TaskExecAdded::new();
+        ev.container_id = req.id.clone();
+        ev.exec_id = req.exec_id.clone();
+        task.events.publish(TOPIC_EXEC_ADDED, &ev);
+        Ok(Empty::new())
+    }
+
+    async fn resize_pty(&self, ns: &str, req: ResizePtyRequest) -> Result<Empty> {
+        let task = self.daemon.task(ns, &req.id)?;
+        self.process(&task, &req.exec_id)?;
+        let exec = (!req.exec_id.is_empty()).then_some(req.exec_id.as_str());
+        task.container.resize_pty(exec, req.width, req.height).await?;
+        Ok(Empty::new())
+    }
+
+    async fn close_io(&self, ns: &str, req: CloseIORequest) -> Result<Empty> {
+        let task = self.daemon.task(ns, &req.id)?;
+        self.process(&task, &req.exec_id)?;
+        if req.stdin {
+            let exec = (!req.exec_id.is_empty()).then_some(req.exec_id.as_str());
+            task.container.close_stdin(exec).await?;
+        }
+        Ok(Empty::new())
+    }
+
+    async fn update(&self, ns: &str, req: UpdateTaskRequest) -> Result<Empty> {
+        let task = self.daemon.task(ns, &req.id)?;
+        let resources = req
+            .resources
+            .as_ref()
+            .map(|a| a.value.clone())
+            .ok_or_else(|| Error::InvalidArgument("update request carries no resources".into()))?;
+        serde_json::from_slice::<serde_json::Value>(&resources)
+            .map_err(|e| Error::InvalidArgument(format!("resources are not valid JSON: {e}")))?;
+        task.container.update(&resources).await?;
+        Ok(Empty::new())
+    }
+
+    async fn wait(&self, ns: &str, req: WaitRequest) -> Result<WaitResponse> {
+        let task = self.daemon.task(ns, &req.id)?;
+        let process = self.process(&task, &req.exec_id)?;
+        drop(task);
+        let exit = process.wait().await;
+        let mut resp = WaitResponse::new();
+        resp.exit_status = exit.status;
+        resp.exited_at = Some(timestamp(exit.at)).into();
+        Ok(resp)
+    }
+
+    async fn stats(&self, ns: &str, req: StatsRequest) -> Result<StatsResponse> {
+        let task = self.daemon.task(ns, &req.id)?;
+        if task.init.view().exit.is_some() {
+            return Err(not_running(&task, "collect stats"));
+        }
+        let mut resp = StatsResponse::new();
+        resp.stats = Some(task.container.stats().await?).into();
+        Ok(resp)
+    }
+
+    async fn connect(&self, ns: &str, req: ConnectRequest) -> Result<ConnectResponse> {
+        let mut resp = ConnectResponse::new();
+        resp.shim_pid = std::process::id();
+        match self.daemon.task(ns, &req.id) {
+            Ok(task) => resp.task_pid = task.init.view().pid,
+            // A sandbox without a task of its own (containerd 2.x) is fine.
+            Err(_) if req.id == self.sandbox.id => {}
+            Err(e) => return Err(e),
+        }
+        Ok(resp)
+    }
+
+    async fn shutdown(&self, _ns: &str, _req: ShutdownRequest) -> Result<Empty> {
+        // containerd sends Shutdown after every task delete; the daemon
+        // serves every sandbox on the node and never exits because of it.
+        Ok(Empty::new())
+    }
+
+    async fn state(&self, ns: &str, req: StateRequest) -> Result<StateResponse> {
+        let task = self.daemon.task(ns, &req.id)?;
+        let process = self.process(&task, &req.exec_id)?;
+        let v = process.view();
+        let mut resp = StateResponse::new();
+        resp.id = req.id.clone();
+        resp.exec_id = req.exec_id.clone();
+        resp.bundle = task.bundle.display().to_string();
+        resp.pid = v.pid;
+        resp.status = v.status.into();
+        resp.stdin = process.stdio.stdin.clone();
+        resp.stdout = process.stdio.stdout.clone();
+        resp.stderr = process.stdio.stderr.clone();
+        resp.terminal = process.stdio.terminal;
+        if let Some(exit) = v.exit {
+            resp.exit_status = exit.status;
+            resp.exited_at = Some(timestamp(exit.at)).into();
+        }
+        Ok(resp)
+    }
+}
+
