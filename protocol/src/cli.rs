@@ -174,7 +174,10 @@ mod tests {
             Args::parse(["-id"]).unwrap_err().0,
             "flag needs an argument: -id"
         );
-        assert!(Args::parse(["run"]).unwrap_err().0.contains("unknown action"));
+        assert!(Args::parse(["run"])
+            .unwrap_err()
+            .0
+            .contains("unknown action"));
         assert!(Args::parse(["-debug=maybe"]).is_err());
     }
 }

@@ -22,7 +22,10 @@ use crate::{Client, Kind};
 
 /// Annotations that put a container into an existing sandbox, in the order
 /// containerd-shim-runc-v2 consults them.
-pub const GROUP_ANNOTATIONS: [&str; 2] = ["io.containerd.runc.v2.group", "io.kubernetes.cri.sandbox-id"];
+pub const GROUP_ANNOTATIONS: [&str; 2] = [
+    "io.containerd.runc.v2.group",
+    "io.kubernetes.cri.sandbox-id",
+];
 
 /// Exit status reported for a task that had to be killed (128 + SIGKILL).
 const KILLED: u32 = 137;
@@ -190,11 +193,12 @@ fn delete(kind: Kind, args: &Args) -> Result<(), ShimError> {
         id: id.clone(),
         bundle: bundle.to_string_lossy().into_owned(),
     };
-    let reply = match Client::connect(&socket_path(args), DELETE_TIMEOUT).and_then(|mut c| c.delete(req)) {
-        Ok(r) => r,
-        Err(e) if e.code() == Code::Unavailable => cleanup_without_sandboxer(&bundle, &id),
-        Err(e) => return Err(e.into()),
-    };
+    let reply =
+        match Client::connect(&socket_path(args), DELETE_TIMEOUT).and_then(|mut c| c.delete(req)) {
+            Ok(r) => r,
+            Err(e) if e.code() == Code::Unavailable => cleanup_without_sandboxer(&bundle, &id),
+            Err(e) => return Err(e.into()),
+        };
     let mut resp = DeleteResponse::new();
     resp.pid = reply.pid;
     resp.exit_status = reply.exit_status;
@@ -260,7 +264,10 @@ pub fn write_atomic(path: &Path, data: &[u8]) -> io::Result<()> {
         .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidInput, "path has no file name"))?;
     let mut tmp_name = std::ffi::OsString::from(".");
     tmp_name.push(name);
-    tmp_name.push(format!(".{}.tmp", std::process::id()));
+    // Unique per write: concurrent writers of one path must not share it.
+    static SEQ: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    let seq = SEQ.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    tmp_name.push(format!(".{}.{seq}.tmp", std::process::id()));
     let tmp = path.with_file_name(tmp_name);
     let result = (|| {
         let mut f = std::fs::File::create(&tmp)?;
@@ -325,7 +332,11 @@ mod tests {
         std::fs::write(dir.join("config.json"), r#"{"process":{}}"#).unwrap();
         assert_eq!(group_of(&dir).unwrap(), "");
         std::fs::remove_file(dir.join("config.json")).unwrap();
-        assert_eq!(group_of(&dir).unwrap(), "", "2.x sandbox bundles have no config.json");
+        assert_eq!(
+            group_of(&dir).unwrap(),
+            "",
+            "2.x sandbox bundles have no config.json"
+        );
         std::fs::write(dir.join("config.json"), "{not json").unwrap();
         assert!(group_of(&dir).is_err());
         std::fs::remove_dir_all(&dir).unwrap();

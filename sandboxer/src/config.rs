@@ -67,10 +67,11 @@ impl Config {
     /// Reads `path`; a missing file at the default location means defaults.
     pub fn load(path: &Path, explicit: bool) -> Result<Config> {
         match std::fs::read_to_string(path) {
-            Ok(text) => toml::from_str(&text).map_err(|e| {
-                Error::InvalidArgument(format!("config {}: {e}", path.display()))
-            }),
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound && !explicit => Ok(Config::default()),
+            Ok(text) => toml::from_str(&text)
+                .map_err(|e| Error::InvalidArgument(format!("config {}: {e}", path.display()))),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound && !explicit => {
+                Ok(Config::default())
+            }
             Err(e) => Err(Error::Io {
                 what: format!("reading config {}", path.display()),
                 source: e,
@@ -116,7 +117,10 @@ enabled = false
     #[test]
     fn missing_default_file_means_defaults_but_missing_explicit_file_is_an_error() {
         let p = Path::new("/nonexistent/kuasar.toml");
-        assert_eq!(Config::load(p, false).unwrap().root, PathBuf::from(DEFAULT_ROOT));
+        assert_eq!(
+            Config::load(p, false).unwrap().root,
+            PathBuf::from(DEFAULT_ROOT)
+        );
         assert!(Config::load(p, true).is_err());
     }
 }

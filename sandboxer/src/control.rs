@@ -25,7 +25,8 @@ pub fn bind(path: &Path) -> Result<UnixListener> {
             .map_err(io_context(format!("securing {}", dir.display())))?;
     }
     let _ = std::fs::remove_file(path);
-    let listener = UnixListener::bind(path).map_err(io_context(format!("binding {}", path.display())))?;
+    let listener =
+        UnixListener::bind(path).map_err(io_context(format!("binding {}", path.display())))?;
     std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))
         .map_err(io_context(format!("securing {}", path.display())))?;
     Ok(listener)
@@ -59,7 +60,10 @@ async fn serve_peer(mut stream: UnixStream, daemon: &Arc<Daemon>) -> std::io::Re
     let cred = stream.peer_cred()?;
     if !daemon.config.allowed_uids.contains(&cred.uid()) {
         tracing::warn!(uid = cred.uid(), "refused a peer that is not allowed");
-        let resp = Response::error(Code::PermissionDenied, format!("uid {} may not use the kuasar sandboxer", cred.uid()));
+        let resp = Response::error(
+            Code::PermissionDenied,
+            format!("uid {} may not use the kuasar sandboxer", cred.uid()),
+        );
         return send(&mut stream, &resp).await;
     }
     loop {

@@ -99,11 +99,16 @@ fn socket_name(namespace: &str, id: &str) -> String {
 }
 
 impl Daemon {
-    pub fn new(config: Config, reaper: Arc<Reaper>, backends: Vec<Arc<dyn Backend>>) -> Result<Arc<Daemon>> {
+    pub fn new(
+        config: Config,
+        reaper: Arc<Reaper>,
+        backends: Vec<Arc<dyn Backend>>,
+    ) -> Result<Arc<Daemon>> {
         let root = config.root.clone();
         let socket_dir = root.join("t");
         for dir in [&root, &socket_dir] {
-            std::fs::create_dir_all(dir).map_err(io_context(format!("creating {}", dir.display())))?;
+            std::fs::create_dir_all(dir)
+                .map_err(io_context(format!("creating {}", dir.display())))?;
             std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o711))
                 .map_err(io_context(format!("securing {}", dir.display())))?;
         }
@@ -151,14 +156,24 @@ impl Daemon {
         let mut tasks = self.tasks.lock().unwrap();
         let k = key(&task.namespace, &task.id);
         if tasks.contains_key(&k) {
-            return Err(Error::AlreadyExists(format!("task {} already exists", task.id)));
+            return Err(Error::AlreadyExists(format!(
+                "task {} already exists",
+                task.id
+            )));
         }
         tasks.insert(k, task);
         Ok(())
     }
 
     pub fn save_task(&self, task: &Task) {
-        if let Err(e) = self.store.save(Record::Task, &task.namespace, &task.id, &task.record()) {
+        let removed = task.persisted.lock().unwrap();
+        if *removed {
+            return;
+        }
+        if let Err(e) = self
+            .store
+            .save(Record::Task, &task.namespace, &task.id, &task.record())
+        {
             tracing::warn!("persisting task {}: {e}", task.id);
         }
     }
@@ -166,14 +181,26 @@ impl Daemon {
     /// Drops a deleted task and, with its last container, its sandbox.
     pub fn remove_task(&self, namespace: &str, id: &str) -> Option<Arc<Task>> {
         let task = self.tasks.lock().unwrap().remove(&key(namespace, id));
-        self.store.remove(Record::Task, namespace, id);
+        match &task {
+            Some(t) => {
+                let mut removed = t.persisted.lock().unwrap();
+                *removed = true;
+                self.store.remove(Record::Task, namespace, id);
+            }
+            None => self.store.remove(Record::Task, namespace, id),
+        }
         let sandbox_id = task.as_ref().map(|t| t.sandbox_id.clone());
         self.leave_sandbox(namespace, id, sandbox_id.as_deref());
         task
     }
 
     fn save_sandbox(&self, sandbox: &Sandbox) {
-        if let Err(e) = self.store.save(Record::Sandbox, &sandbox.namespace, &sandbox.id, &sandbox.record()) {
+        if let Err(e) = self.store.save(
+            Record::Sandbox,
+            &sandbox.namespace,
+            &sandbox.id,
+            &sandbox.record(),
+        ) {
             tracing::warn!("persisting sandbox {}: {e}", sandbox.id);
         }
     }
@@ -195,7 +222,14 @@ impl Daemon {
             m.remove(id);
             m.is_empty()
         };
-        if empty && !self.tasks.lock().unwrap().values().any(|t| t.namespace == namespace && t.sandbox_id == sandbox.id) {
+        if empty
+            && !self
+                .tasks
+                .lock()
+                .unwrap()
+                .values()
+                .any(|t| t.namespace == namespace && t.sandbox_id == sandbox.id)
+        {
             sandboxes.remove(&key(namespace, &sandbox.id));
             if let Some(h) = sandbox.listener.lock().unwrap().take() {
                 h.abort();
@@ -220,10 +254,17 @@ impl Daemon {
         let kind = self.parse_kind(&req.kind)?;
         ids::validate("namespace", &req.namespace)?;
         ids::validate("id", &req.id)?;
-        let sandbox_id = if req.group.is_empty() { &req.id } else { &req.group };
+        let sandbox_id = if req.group.is_empty() {
+            &req.id
+        } else {
+            &req.group
+        };
         ids::validate("sandbox id", sandbox_id)?;
         if !req.bundle.is_empty() && !Path::new(&req.bundle).is_absolute() {
-            return Err(Error::InvalidArgument(format!("bundle {:?} is not an absolute path", req.bundle)));
+            return Err(Error::InvalidArgument(format!(
+                "bundle {:?} is not an absolute path",
+                req.bundle
+            )));
         }
         let sandbox = {
             let mut sandboxes = self.sandboxes.lock().unwrap();
@@ -253,11 +294,18 @@ impl Daemon {
     }
 
     /// Binds the sandbox's task socket and starts serving it.
-    fn open_sandbox(self: &Arc<Self>, namespace: &str, id: &str, kind: Kind) -> Result<Arc<Sandbox>> {
+    fn open_sandbox(
+        self: &Arc<Self>,
+        namespace: &str,
+        id: &str,
+        kind: Kind,
+    ) -> Result<Arc<Sandbox>> {
         let socket = self.socket_dir.join(socket_name(namespace, id));
         let _ = std::fs::remove_file(&socket);
-        let listener = tokio::net::UnixListener::bind(&socket)
-            .map_err(io_context(format!("binding task socket {}", socket.display())))?;
+        let listener = tokio::net::UnixListener::bind(&socket).map_err(io_context(format!(
+            "binding task socket {}",
+            socket.display()
+        )))?;
         std::fs::set_permissions(&socket, std::fs::Permissions::from_mode(0o600))
             .map_err(io_context(format!("securing {}", socket.display())))?;
         let sandbox = Arc::new(Sandbox {
@@ -270,8 +318,10 @@ impl Daemon {
             members: Mutex::new(HashSet::new()),
             listener: Mutex::new(None),
         });
-        let handler: Arc<dyn rpc::Handler> = Arc::new(TaskService::new(self.clone(), sandbox.clone()));
-        *sandbox.listener.lock().unwrap() = Some(tokio::spawn(rpc::server::serve_listener(listener, handler)));
+        let handler: Arc<dyn rpc::Handler> =
+            Arc::new(TaskService::new(self.clone(), sandbox.clone()));
+        *sandbox.listener.lock().unwrap() =
+            Some(tokio::spawn(rpc::server::serve_listener(listener, handler)));
         tracing::info!(namespace, sandbox = id, %kind, "sandbox opened");
         Ok(sandbox)
     }
@@ -284,7 +334,13 @@ impl Daemon {
         ids::validate("namespace", &req.namespace)?;
         ids::validate("id", &req.id)?;
         let now = crate::task::nanos(std::time::SystemTime::now());
-        let Some(task) = self.tasks.lock().unwrap().get(&key(&req.namespace, &req.id)).cloned() else {
+        let Some(task) = self
+            .tasks
+            .lock()
+            .unwrap()
+            .get(&key(&req.namespace, &req.id))
+            .cloned()
+        else {
             // Not tracked: make sure runc holds nothing and the rootfs is
             // unmounted, as containerd-shim-runc-v2 does.
             self.backend(kind)?.cleanup(&req.namespace, &req.id).await?;

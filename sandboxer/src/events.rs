@@ -72,7 +72,16 @@ async fn forward_loop(address: String, mut rx: mpsc::UnboundedReceiver<Envelope>
                 client = Client::connect(&address).await.ok();
             }
             if let Some(c) = client.as_mut() {
-                match c.call(SERVICE, "Forward", payload.clone(), &namespace, CALL_TIMEOUT).await {
+                match c
+                    .call(
+                        SERVICE,
+                        "Forward",
+                        payload.clone(),
+                        &namespace,
+                        CALL_TIMEOUT,
+                    )
+                    .await
+                {
                     Ok(_) => break,
                     Err(e) => {
                         tracing::debug!("forwarding {topic} to {address}: {e}");
@@ -101,6 +110,9 @@ mod tests {
         e.container_id = "c".into();
         let any = to_any(&e);
         assert_eq!(any.type_url, "containerd.events.TaskExit");
-        assert_eq!(TaskExit::parse_from_bytes(&any.value).unwrap().container_id, "c");
+        assert_eq!(
+            TaskExit::parse_from_bytes(&any.value).unwrap().container_id,
+            "c"
+        );
     }
 }

@@ -47,14 +47,34 @@ mod tests {
 
     #[test]
     fn containerd_style_ids_pass() {
-        for id in ["a", "default", "k8s.io", "c1", "abc-def_1.2", &"f".repeat(64)] {
+        for id in [
+            "a",
+            "default",
+            "k8s.io",
+            "c1",
+            "abc-def_1.2",
+            &"f".repeat(64),
+        ] {
             validate("id", id).unwrap();
         }
     }
 
     #[test]
     fn path_tricks_and_oddities_are_refused() {
-        for id in ["", "..", "../x", "a/b", "/abs", "a..b", "-a", "a-", "a b", "é", &"x".repeat(77), "a\0b"] {
+        for id in [
+            "",
+            "..",
+            "../x",
+            "a/b",
+            "/abs",
+            "a..b",
+            "-a",
+            "a-",
+            "a b",
+            "é",
+            &"x".repeat(77),
+            "a\0b",
+        ] {
             assert!(validate("id", id).is_err(), "{id:?} accepted");
         }
     }

@@ -82,7 +82,8 @@ impl Reaper {
             }
             None => {
                 let now = Instant::now();
-                st.unclaimed.retain(|_, (_, at)| now.duration_since(*at) < UNCLAIMED_TTL);
+                st.unclaimed
+                    .retain(|_, (_, at)| now.duration_since(*at) < UNCLAIMED_TTL);
                 st.unclaimed.insert(pid, (code, now));
             }
         }
@@ -90,7 +91,8 @@ impl Reaper {
 
     /// Reaps on every SIGCHLD, forever.
     pub async fn run(self: Arc<Self>) {
-        let mut sigchld = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::child()) {
+        let mut sigchld = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::child())
+        {
             Ok(s) => s,
             Err(e) => {
                 tracing::error!("cannot watch SIGCHLD, exits will be missed: {e}");

@@ -29,7 +29,9 @@ pub async fn run(reaper: &Arc<Reaper>, mut cmd: Command, capture: bool) -> Resul
         if capture {
             cmd.stdout(Stdio::piped()).stderr(Stdio::piped());
         }
-        let mut child = cmd.spawn().map_err(io_context(format!("starting {what}")))?;
+        let mut child = cmd
+            .spawn()
+            .map_err(io_context(format!("starting {what}")))?;
         let pid = child.id() as i32;
         let rx = reaper.subscribe(pid);
         let mut stdout = child.stdout.take();
@@ -72,9 +74,8 @@ pub fn spawn_with_fds(
     env: &[(String, String)],
     fds: &[(RawFd, RawFd)],
 ) -> Result<i32> {
-    let cstr = |s: &str| {
-        CString::new(s).map_err(|_| Error::InvalidArgument(format!("NUL byte in {s:?}")))
-    };
+    let cstr =
+        |s: &str| CString::new(s).map_err(|_| Error::InvalidArgument(format!("NUL byte in {s:?}")));
     let path = cstr(program)?;
     let mut argv = vec![path.clone()];
     for a in args {
@@ -111,8 +112,18 @@ pub fn spawn_with_fds(
         let devnull = c"/dev/null";
         for target in 0..3 {
             if !fds.iter().any(|(_, t)| *t == target) {
-                let flags = if target == 0 { libc::O_RDONLY } else { libc::O_WRONLY };
-                libc::posix_spawn_file_actions_addopen(&mut actions, target, devnull.as_ptr(), flags, 0);
+                let flags = if target == 0 {
+                    libc::O_RDONLY
+                } else {
+                    libc::O_WRONLY
+                };
+                libc::posix_spawn_file_actions_addopen(
+                    &mut actions,
+                    target,
+                    devnull.as_ptr(),
+                    flags,
+                    0,
+                );
             }
         }
         for (src, target) in fds {

@@ -39,10 +39,17 @@ impl StateStore {
             .join(format!("{id}.json"))
     }
 
-    pub fn save(&self, record: Record, namespace: &str, id: &str, value: &impl Serialize) -> Result<()> {
+    pub fn save(
+        &self,
+        record: Record,
+        namespace: &str,
+        id: &str,
+        value: &impl Serialize,
+    ) -> Result<()> {
         let path = self.path(record, namespace, id);
         let parent = path.parent().unwrap_or(Path::new("/"));
-        std::fs::create_dir_all(parent).map_err(io_context(format!("creating {}", parent.display())))?;
+        std::fs::create_dir_all(parent)
+            .map_err(io_context(format!("creating {}", parent.display())))?;
         let data = serde_json::to_vec_pretty(value)
             .map_err(|e| crate::error::Error::Internal(format!("encoding state: {e}")))?;
         kuasar_protocol::shim::write_atomic(&path, &data)
@@ -71,10 +78,15 @@ mod tests {
     fn save_replaces_and_remove_cleans_empty_dirs() {
         let root = tempfile::tempdir().unwrap();
         let store = StateStore::new(root.path().join("state"));
-        store.save(Record::Task, "ns", "c1", &serde_json::json!({"pid": 1})).unwrap();
-        store.save(Record::Task, "ns", "c1", &serde_json::json!({"pid": 2})).unwrap();
+        store
+            .save(Record::Task, "ns", "c1", &serde_json::json!({"pid": 1}))
+            .unwrap();
+        store
+            .save(Record::Task, "ns", "c1", &serde_json::json!({"pid": 2}))
+            .unwrap();
         let got: serde_json::Value =
-            serde_json::from_slice(&std::fs::read(store.path(Record::Task, "ns", "c1")).unwrap()).unwrap();
+            serde_json::from_slice(&std::fs::read(store.path(Record::Task, "ns", "c1")).unwrap())
+                .unwrap();
         assert_eq!(got["pid"], 2);
         store.remove(Record::Task, "ns", "c1");
         assert!(!root.path().join("state/ns").exists());

@@ -61,7 +61,9 @@ fn parse_sink(stdout: &str) -> Result<Sink> {
                 args,
             })
         }
-        other => Err(Error::InvalidArgument(format!("unknown STDIO scheme {other}"))),
+        other => Err(Error::InvalidArgument(format!(
+            "unknown STDIO scheme {other}"
+        ))),
     }
 }
 
@@ -120,14 +122,26 @@ fn open_fifo_output(path: &str) -> Result<OwnedFd> {
 }
 
 fn dup(fd: &OwnedFd) -> Result<OwnedFd> {
-    fd.try_clone().map_err(io_context("duplicating a descriptor"))
+    fd.try_clone()
+        .map_err(io_context("duplicating a descriptor"))
 }
 
 /// Opens (or starts) whatever receives the process's output.
-pub async fn open_outputs(paths: &StdioPaths, namespace: &str, id: &str, reaper: &Arc<Reaper>) -> Result<Outputs> {
+pub async fn open_outputs(
+    paths: &StdioPaths,
+    namespace: &str,
+    id: &str,
+    reaper: &Arc<Reaper>,
+) -> Result<Outputs> {
     match parse_sink(&paths.stdout)? {
         Sink::Fifo => {
-            let open = |p: &str| if p.is_empty() { open_null(true) } else { open_fifo_output(p) };
+            let open = |p: &str| {
+                if p.is_empty() {
+                    open_null(true)
+                } else {
+                    open_fifo_output(p)
+                }
+            };
             Ok(Outputs {
                 stdout: open(&paths.stdout)?,
                 stderr: open(&paths.stderr)?,
@@ -136,7 +150,8 @@ pub async fn open_outputs(paths: &StdioPaths, namespace: &str, id: &str, reaper:
         }
         Sink::File(path) => {
             if let Some(dir) = path.parent() {
-                std::fs::create_dir_all(dir).map_err(io_context(format!("creating {}", dir.display())))?;
+                std::fs::create_dir_all(dir)
+                    .map_err(io_context(format!("creating {}", dir.display())))?;
             }
             let f: OwnedFd = OpenOptions::new()
                 .append(true)
@@ -159,12 +174,20 @@ pub async fn open_outputs(paths: &StdioPaths, namespace: &str, id: &str, reaper:
                 ("CONTAINER_ID".to_string(), id.to_string()),
                 ("CONTAINER_NAMESPACE".to_string(), namespace.to_string()),
             ];
-            let (out_r, err_r, ready_w) = (spawn::raise_fd(out_r)?, spawn::raise_fd(err_r)?, spawn::raise_fd(ready_w)?);
+            let (out_r, err_r, ready_w) = (
+                spawn::raise_fd(out_r)?,
+                spawn::raise_fd(err_r)?,
+                spawn::raise_fd(ready_w)?,
+            );
             let pid = spawn::spawn_with_fds(
                 &path,
                 &args,
                 &env,
-                &[(out_r.as_raw_fd(), 3), (err_r.as_raw_fd(), 4), (ready_w.as_raw_fd(), 5)],
+                &[
+                    (out_r.as_raw_fd(), 3),
+                    (err_r.as_raw_fd(), 4),
+                    (ready_w.as_raw_fd(), 5),
+                ],
             )?;
             let logger = Logger {
                 pid,
@@ -180,7 +203,9 @@ pub async fn open_outputs(paths: &StdioPaths, namespace: &str, id: &str, reaper:
                 Ok(Ok(Ok(_))) => {}
                 _ => {
                     logger.stop();
-                    return Err(Error::Unavailable(format!("log driver {path} did not become ready")));
+                    return Err(Error::Unavailable(format!(
+                        "log driver {path} did not become ready"
+                    )));
                 }
             }
             Ok(Outputs {
@@ -205,7 +230,10 @@ impl Logger {
         let exited = self.reaper.subscribe(self.pid);
         let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM);
         tokio::spawn(async move {
-            if tokio::time::timeout(Duration::from_secs(12), exited).await.is_err() {
+            if tokio::time::timeout(Duration::from_secs(12), exited)
+                .await
+                .is_err()
+            {
                 let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGKILL);
             }
         });
@@ -235,7 +263,10 @@ impl IoTasks {
             async move {
                 // Opening for reading waits for containerd's writer.
                 let opened = tokio::task::spawn_blocking(move || {
-                    OpenOptions::new().read(true).custom_flags(libc::O_CLOEXEC).open(&fifo)
+                    OpenOptions::new()
+                        .read(true)
+                        .custom_flags(libc::O_CLOEXEC)
+                        .open(&fifo)
                 })
                 .await;
                 let Ok(Ok(from)) = opened else { return };
@@ -264,7 +295,10 @@ impl IoTasks {
         if let Some((task, fifo)) = self.stdin.take() {
             release_fifo_opener(&fifo);
             let abort = task.abort_handle();
-            if tokio::time::timeout(Duration::from_millis(200), task).await.is_err() {
+            if tokio::time::timeout(Duration::from_millis(200), task)
+                .await
+                .is_err()
+            {
                 abort.abort();
             }
         }
@@ -274,7 +308,10 @@ impl IoTasks {
     pub async fn drain(&mut self) {
         for t in self.outputs.drain(..) {
             let abort = t.abort_handle();
-            if tokio::time::timeout(Duration::from_secs(2), t).await.is_err() {
+            if tokio::time::timeout(Duration::from_secs(2), t)
+                .await
+                .is_err()
+            {
                 abort.abort();
             }
         }
@@ -340,7 +377,11 @@ impl FdStream {
 }
 
 impl AsyncRead for FdStream {
-    fn poll_read(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
         loop {
             let mut guard = ready!(self.fd.poll_read_ready(cx))?;
             let unfilled = buf.initialize_unfilled();
@@ -360,10 +401,16 @@ impl AsyncRead for FdStream {
 }
 
 impl AsyncWrite for FdStream {
-    fn poll_write(self: Pin<&mut Self>, cx: &mut Context<'_>, data: &[u8]) -> Poll<io::Result<usize>> {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        data: &[u8],
+    ) -> Poll<io::Result<usize>> {
         loop {
             let mut guard = ready!(self.fd.poll_write_ready(cx))?;
-            match guard.try_io(|fd| nix::unistd::write(fd.get_ref().as_raw_fd(), data).map_err(io::Error::from)) {
+            match guard.try_io(|fd| {
+                nix::unistd::write(fd.get_ref().as_raw_fd(), data).map_err(io::Error::from)
+            }) {
                 Ok(r) => return Poll::Ready(r),
                 Err(_would_block) => continue,
             }
@@ -388,7 +435,10 @@ mod tests {
         assert_eq!(parse_sink("/run/fifo/x-stdout").unwrap(), Sink::Fifo);
         assert_eq!(parse_sink("").unwrap(), Sink::Fifo);
         assert_eq!(parse_sink("fifo:///a").unwrap(), Sink::Fifo);
-        assert_eq!(parse_sink("file:///var/log/x.log").unwrap(), Sink::File("/var/log/x.log".into()));
+        assert_eq!(
+            parse_sink("file:///var/log/x.log").unwrap(),
+            Sink::File("/var/log/x.log".into())
+        );
         assert_eq!(
             parse_sink("binary:///usr/bin/logger?id=a%20b&flag").unwrap(),
             Sink::Binary {
@@ -396,6 +446,9 @@ mod tests {
                 args: vec!["id".into(), "a b".into(), "flag".into()]
             }
         );
-        assert!(parse_sink("ftp://x").unwrap_err().to_string().contains("unknown STDIO scheme"));
+        assert!(parse_sink("ftp://x")
+            .unwrap_err()
+            .to_string()
+            .contains("unknown STDIO scheme"));
     }
 }

@@ -117,7 +117,9 @@ mod tests {
         .to_vec();
         data.extend(std::iter::repeat_n(0u8, MAX_MESSAGE + 1));
         let mut next = Vec::new();
-        write_frame(&mut next, 3, TYPE_REQUEST, b"ok").await.unwrap();
+        write_frame(&mut next, 3, TYPE_REQUEST, b"ok")
+            .await
+            .unwrap();
         data.extend(next);
         let mut r = data.as_slice();
         let f = read_frame(&mut r).await.unwrap();

@@ -61,7 +61,9 @@ pub async fn serve_connection(stream: UnixStream, handler: Arc<dyn Handler>) {
     let (tx, mut rx) = mpsc::unbounded_channel::<(u32, Vec<u8>)>();
     let writer_task = tokio::spawn(async move {
         while let Some((stream_id, payload)) = rx.recv().await {
-            if let Err(e) = frame::write_frame(&mut writer, stream_id, TYPE_RESPONSE, &payload).await {
+            if let Err(e) =
+                frame::write_frame(&mut writer, stream_id, TYPE_RESPONSE, &payload).await
+            {
                 tracing::debug!("task connection write: {e}");
                 break;
             }
@@ -114,7 +116,11 @@ pub async fn serve_connection(stream: UnixStream, handler: Arc<dyn Handler>) {
 async fn dispatch(handler: &dyn Handler, payload: &[u8]) -> Vec<u8> {
     let req = match Request::parse_from_bytes(payload) {
         Ok(r) => r,
-        Err(e) => return error_response(&Error::InvalidArgument(format!("malformed ttrpc request: {e}"))),
+        Err(e) => {
+            return error_response(&Error::InvalidArgument(format!(
+                "malformed ttrpc request: {e}"
+            )))
+        }
     };
     let ctx = RequestContext {
         namespace: req
@@ -125,15 +131,22 @@ async fn dispatch(handler: &dyn Handler, payload: &[u8]) -> Vec<u8> {
         timeout: (req.timeout_nano > 0).then(|| Duration::from_nanos(req.timeout_nano as u64)),
     };
     let result = match ctx.timeout {
-        Some(t) => tokio::time::timeout(t, handler.handle(ctx.clone(), &req.service, &req.method, &req.payload))
-            .await
-            .unwrap_or_else(|_| {
-                Err(Error::Unavailable(format!(
-                    "/{}/{} timed out after {t:?}",
-                    req.service, req.method
-                )))
-            }),
-        None => handler.handle(ctx, &req.service, &req.method, &req.payload).await,
+        Some(t) => tokio::time::timeout(
+            t,
+            handler.handle(ctx.clone(), &req.service, &req.method, &req.payload),
+        )
+        .await
+        .unwrap_or_else(|_| {
+            Err(Error::Unavailable(format!(
+                "/{}/{} timed out after {t:?}",
+                req.service, req.method
+            )))
+        }),
+        None => {
+            handler
+                .handle(ctx, &req.service, &req.method, &req.payload)
+                .await
+        }
     };
     match result {
         Ok(payload) => {

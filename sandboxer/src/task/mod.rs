@@ -41,7 +41,9 @@ pub fn timestamp_now() -> Timestamp {
 }
 
 pub fn nanos(t: SystemTime) -> i64 {
-    t.duration_since(UNIX_EPOCH).map(|d| d.as_nanos() as i64).unwrap_or(0)
+    t.duration_since(UNIX_EPOCH)
+        .map(|d| d.as_nanos() as i64)
+        .unwrap_or(0)
 }
 
 #[derive(Clone, Copy, Debug)]
@@ -60,7 +62,8 @@ pub struct EventTarget {
 
 impl EventTarget {
     pub fn publish(&self, topic: &str, event: &dyn MessageDyn) {
-        self.publisher.publish(&self.address, &self.namespace, topic, event);
+        self.publisher
+            .publish(&self.address, &self.namespace, topic, event);
     }
 }
 
@@ -94,7 +97,13 @@ pub struct ProcessView {
 }
 
 impl Process {
-    pub fn new(container_id: &str, exec_id: &str, stdio: StdioPaths, spec: Vec<u8>, pid: u32) -> Process {
+    pub fn new(
+        container_id: &str,
+        exec_id: &str,
+        stdio: StdioPaths,
+        spec: Vec<u8>,
+        pid: u32,
+    ) -> Process {
         Process {
             container_id: container_id.into(),
             exec_id: exec_id.into(),
@@ -223,6 +232,9 @@ pub struct Task {
     pub init: Arc<Process>,
     pub execs: Mutex<HashMap<String, Arc<Process>>>,
     pub events: EventTarget,
+    /// Serialises writes of the task's state file; `true` once removed, so
+    /// a late write cannot resurrect it.
+    pub persisted: Mutex<bool>,
 }
 
 /// What is persisted of a task, keyed by (namespace, id).

@@ -5,10 +5,15 @@ use std::sync::Arc;
 
 use async_trait::async_trait;
 use containerd_shim_protos::api::*;
-use containerd_shim_protos::events::task::{TaskCreate, TaskDelete, TaskExecAdded, TaskIO, TaskPaused, TaskResumed};
+use containerd_shim_protos::events::task::{
+    TaskCreate, TaskDelete, TaskExecAdded, TaskIO, TaskPaused, TaskResumed,
+};
 use protobuf::Message;
 
-use super::{timestamp, EventTarget, Process, Task, TOPIC_CREATE, TOPIC_DELETE, TOPIC_EXEC_ADDED, TOPIC_PAUSED, TOPIC_RESUMED};
+use super::{
+    timestamp, EventTarget, Process, Task, TOPIC_CREATE, TOPIC_DELETE, TOPIC_EXEC_ADDED,
+    TOPIC_PAUSED, TOPIC_RESUMED,
+};
 use crate::backend::CreateRequest;
 use crate::daemon::{Daemon, Sandbox};
 use crate::error::{Error, Result};
@@ -25,7 +30,8 @@ pub struct TaskService {
 }
 
 fn decode<M: Message>(payload: &[u8]) -> Result<M> {
-    M::parse_from_bytes(payload).map_err(|e| Error::InvalidArgument(format!("malformed request: {e}")))
+    M::parse_from_bytes(payload)
+        .map_err(|e| Error::InvalidArgument(format!("malformed request: {e}")))
 }
 
 fn encode(msg: &impl Message) -> Result<Vec<u8>> {
@@ -35,11 +41,21 @@ fn encode(msg: &impl Message) -> Result<Vec<u8>> {
 
 #[async_trait]
 impl Handler for TaskService {
-    async fn handle(&self, ctx: RequestContext, service: &str, method: &str, payload: &[u8]) -> Result<Vec<u8>> {
+    async fn handle(
+        &self,
+        ctx: RequestContext,
+        service: &str,
+        method: &str,
+        payload: &[u8],
+    ) -> Result<Vec<u8>> {
         if !SERVICES.contains(&service) {
-            return Err(Error::Unimplemented(format!("service {service} is not served here")));
+            return Err(Error::Unimplemented(format!(
+                "service {service} is not served here"
+            )));
         }
-        let ns = ctx.namespace.unwrap_or_else(|| self.sandbox.namespace.clone());
+        let ns = ctx
+            .namespace
+            .unwrap_or_else(|| self.sandbox.namespace.clone());
         ids::validate("namespace", &ns)?;
         macro_rules! call {
             ($f:ident) => {
@@ -64,7 +80,9 @@ impl Handler for TaskService {
             "Connect" => call!(connect),
             "Shutdown" => call!(shutdown),
             "State" => call!(state),
-            other => Err(Error::Unimplemented(format!("/{service}/{other} is not implemented"))),
+            other => Err(Error::Unimplemented(format!(
+                "/{service}/{other} is not implemented"
+            ))),
         }
     }
 }
@@ -86,15 +104,23 @@ impl TaskService {
     async fn create(&self, ns: &str, req: CreateTaskRequest) -> Result<CreateTaskResponse> {
         ids::validate("id", &req.id)?;
         if !req.checkpoint.is_empty() {
-            return Err(Error::Unimplemented("restoring from a checkpoint is not supported".into()));
+            return Err(Error::Unimplemented(
+                "restoring from a checkpoint is not supported".into(),
+            ));
         }
         if self.daemon.has_task(ns, &req.id) {
-            return Err(Error::AlreadyExists(format!("task {} already exists", req.id)));
+            return Err(Error::AlreadyExists(format!(
+                "task {} already exists",
+                req.id
+            )));
         }
         let backend = self.daemon.backend(self.sandbox.kind)?;
         let bundle = std::path::PathBuf::from(&req.bundle);
         if !bundle.is_absolute() {
-            return Err(Error::InvalidArgument(format!("bundle {:?} is not an absolute path", req.bundle)));
+            return Err(Error::InvalidArgument(format!(
+                "bundle {:?} is not an absolute path",
+                req.bundle
+            )));
         }
         let rootfs = bundle.join("rootfs");
         if !req.rootfs.is_empty() {
@@ -142,6 +168,7 @@ impl TaskService {
                 address: self.sandbox.ttrpc_address(),
                 namespace: ns.into(),
             },
+            persisted: Default::default(),
         });
         if let Err(e) = self.daemon.insert_task(task.clone()) {
             let _ = task.container.delete(true).await;
@@ -189,7 +216,11 @@ impl TaskService {
         if process.view().status != Status::CREATED {
             return Err(Error::FailedPrecondition(format!(
                 "process {} of task {} was already started",
-                if req.exec_id.is_empty() { "init" } else { &req.exec_id },
+                if req.exec_id.is_empty() {
+                    "init"
+                } else {
+                    &req.exec_id
+                },
                 req.id
             )));
         }
@@ -199,7 +230,9 @@ impl TaskService {
             if task.init.view().exit.is_some() {
                 return Err(not_running(&task, "start an exec"));
             }
-            task.container.exec(&req.exec_id, &process.spec, &process.stdio).await?
+            task.container
+                .exec(&req.exec_id, &process.spec, &process.stdio)
+                .await?
         };
         process.started(pid, &task.events);
         if process.is_init() {
@@ -217,14 +250,23 @@ impl TaskService {
         if matches!(view.status, Status::RUNNING | Status::PAUSED) {
             return Err(Error::FailedPrecondition(format!(
                 "cannot delete a running process ({} of task {})",
-                if req.exec_id.is_empty() { "init" } else { &req.exec_id },
+                if req.exec_id.is_empty() {
+                    "init"
+                } else {
+                    &req.exec_id
+                },
                 req.id
             )));
         }
-        let exit_at = view.exit.map(|e| e.at).unwrap_or_else(std::time::SystemTime::now);
+        let exit_at = view
+            .exit
+            .map(|e| e.at)
+            .unwrap_or_else(std::time::SystemTime::now);
         let exit_status = view.exit.map(|e| e.status).unwrap_or(0);
         if process.is_init() {
-            task.container.delete(view.status == Status::CREATED).await?;
+            task.container
+                .delete(view.status == Status::CREATED)
+                .await?;
             if task.rootfs_mounted {
                 mount::unmount_all(&task.bundle.join("rootfs"))?;
             }
@@ -272,7 +314,10 @@ impl TaskService {
     async fn resume(&self, ns: &str, req: ResumeRequest) -> Result<Empty> {
         let task = self.daemon.task(ns, &req.id)?;
         if task.init.view().status != Status::PAUSED {
-            return Err(Error::FailedPrecondition(format!("cannot resume: task {} is not paused", req.id)));
+            return Err(Error::FailedPrecondition(format!(
+                "cannot resume: task {} is not paused",
+                req.id
+            )));
         }
         task.container.resume().await?;
         task.init.set_status(Status::RUNNING);
@@ -296,12 +341,19 @@ impl TaskService {
         if process.view().exit.is_some() {
             return Err(Error::NotFound(format!(
                 "process {} of task {} already finished",
-                if req.exec_id.is_empty() { "init" } else { &req.exec_id },
+                if req.exec_id.is_empty() {
+                    "init"
+                } else {
+                    &req.exec_id
+                },
                 req.id
             )));
         }
         if process.view().status == Status::CREATED && !process.is_init() {
-            return Err(Error::FailedPrecondition(format!("exec {} has not started", req.exec_id)));
+            return Err(Error::FailedPrecondition(format!(
+                "exec {} has not started",
+                req.exec_id
+            )));
         }
         let exec = (!req.exec_id.is_empty()).then_some(req.exec_id.as_str());
         task.container.kill(exec, req.signal, req.all).await?;
@@ -314,11 +366,10 @@ impl TaskService {
         if task.init.view().exit.is_some() {
             return Err(not_running(&task, "exec"));
         }
-        let spec = req
-            .spec
-            .as_ref()
-            .map(|a| a.value.clone())
-            .ok_or_else(|| Error::InvalidArgument("exec request carries no process spec".into()))?;
+        let spec =
+            req.spec.as_ref().map(|a| a.value.clone()).ok_or_else(|| {
+                Error::InvalidArgument("exec request carries no process spec".into())
+            })?;
         let stdio = StdioPaths {
             stdin: req.stdin.clone(),
             stdout: req.stdout.clone(),
@@ -328,7 +379,10 @@ impl TaskService {
         {
             let mut execs = task.execs.lock().unwrap();
             if execs.contains_key(&req.exec_id) {
-                return Err(Error::AlreadyExists(format!("exec {} already exists", req.exec_id)));
+                return Err(Error::AlreadyExists(format!(
+                    "exec {} already exists",
+                    req.exec_id
+                )));
             }
             execs.insert(
                 req.exec_id.clone(),
@@ -346,7 +400,9 @@ impl TaskService {
         let task = self.daemon.task(ns, &req.id)?;
         self.process(&task, &req.exec_id)?;
         let exec = (!req.exec_id.is_empty()).then_some(req.exec_id.as_str());
-        task.container.resize_pty(exec, req.width, req.height).await?;
+        task.container
+            .resize_pty(exec, req.width, req.height)
+            .await?;
         Ok(Empty::new())
     }
 
@@ -433,4 +489,3 @@ impl TaskService {
         Ok(resp)
     }
 }
-

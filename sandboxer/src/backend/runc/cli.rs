@@ -49,7 +49,13 @@ impl RuncCli {
 
     /// Runs `create` or `exec`, whose stdio becomes the process's; runc's
     /// own errors go to the JSON `log` file instead.
-    pub async fn run_with_stdio(&self, namespace: &str, args: &[String], stdio: RuncStdio, log: &Path) -> Result<()> {
+    pub async fn run_with_stdio(
+        &self,
+        namespace: &str,
+        args: &[String],
+        stdio: RuncStdio,
+        log: &Path,
+    ) -> Result<()> {
         let _ = std::fs::remove_file(log);
         let mut cmd = self.command(namespace);
         cmd.arg("--log").arg(log).arg("--log-format").arg("json");
@@ -70,7 +76,10 @@ impl RuncCli {
 fn runc_error(args: &[&str], message: &str) -> Error {
     let command = format!("runc {}", args.first().copied().unwrap_or_default());
     let lower = message.to_ascii_lowercase();
-    if lower.contains("does not exist") || lower.contains("not running") || lower.contains("already finished") {
+    if lower.contains("does not exist")
+        || lower.contains("not running")
+        || lower.contains("already finished")
+    {
         return Error::NotFound(format!("{command}: {message}"));
     }
     Error::Runtime {
@@ -82,7 +91,12 @@ fn runc_error(args: &[&str], message: &str) -> Error {
 /// runc's last error from its logrus text output (`level=error msg="…"`).
 pub fn message_from_stderr(stderr: &[u8]) -> String {
     let text = String::from_utf8_lossy(stderr);
-    let line = text.lines().rev().find(|l| !l.trim().is_empty()).unwrap_or("").trim();
+    let line = text
+        .lines()
+        .rev()
+        .find(|l| !l.trim().is_empty())
+        .unwrap_or("")
+        .trim();
     match line.find("msg=\"") {
         Some(start) => {
             let rest = &line[start + 5..];
@@ -105,9 +119,9 @@ pub fn message_from_log(log: &[u8]) -> String {
     }
     String::from_utf8_lossy(log)
         .lines()
+        .rev()
         .filter_map(|l| serde_json::from_str::<Entry>(l).ok())
-        .filter(|e| e.level == "error" || e.level == "fatal")
-        .last()
+        .find(|e| e.level == "error" || e.level == "fatal")
         .map(|e| e.msg)
         .unwrap_or_else(|| "failed without a message".into())
 }
@@ -119,7 +133,9 @@ mod tests {
     #[test]
     fn messages_are_taken_from_runc_output() {
         assert_eq!(
-            message_from_stderr(b"time=\"2026\" level=error msg=\"container \\\"x\\\" does not exist\"\n"),
+            message_from_stderr(
+                b"time=\"2026\" level=error msg=\"container \\\"x\\\" does not exist\"\n"
+            ),
             "container \"x\" does not exist"
         );
         assert_eq!(message_from_stderr(b"plain failure\n\n"), "plain failure");

@@ -25,7 +25,8 @@ impl ConsoleSocket {
             NEXT.fetch_add(1, Ordering::Relaxed)
         ));
         let _ = std::fs::remove_file(&path);
-        let listener = UnixListener::bind(&path).map_err(io_context(format!("binding {}", path.display())))?;
+        let listener =
+            UnixListener::bind(&path).map_err(io_context(format!("binding {}", path.display())))?;
         Ok(ConsoleSocket { listener, path })
     }
 
@@ -40,7 +41,9 @@ impl ConsoleSocket {
             .accept()
             .await
             .map_err(io_context("accepting runc's console connection"))?;
-        let stream = stream.into_std().map_err(io_context("console connection"))?;
+        let stream = stream
+            .into_std()
+            .map_err(io_context("console connection"))?;
         stream
             .set_nonblocking(false)
             .map_err(io_context("console connection"))?;
@@ -49,8 +52,13 @@ impl ConsoleSocket {
             let mut buf = [0u8; 4096];
             let mut iov = [std::io::IoSliceMut::new(&mut buf)];
             let mut cmsg = nix::cmsg_space!([std::os::fd::RawFd; 1]);
-            let msg = recvmsg::<()>(stream.as_raw_fd(), &mut iov, Some(&mut cmsg), MsgFlags::MSG_CMSG_CLOEXEC)
-                .map_err(sys_context("receiving the terminal from runc"))?;
+            let msg = recvmsg::<()>(
+                stream.as_raw_fd(),
+                &mut iov,
+                Some(&mut cmsg),
+                MsgFlags::MSG_CMSG_CLOEXEC,
+            )
+            .map_err(sys_context("receiving the terminal from runc"))?;
             for c in msg.cmsgs() {
                 if let ControlMessageOwned::ScmRights(fds) = c {
                     if let Some(fd) = fds.first() {
@@ -84,7 +92,9 @@ pub fn resize(master: &OwnedFd, width: u32, height: u32) -> Result<()> {
     // SAFETY: TIOCSWINSZ reads a winsize from the pointer, which is valid.
     let rc = unsafe { libc::ioctl(master.as_raw_fd(), libc::TIOCSWINSZ, &ws) };
     if rc < 0 {
-        return Err(sys_context("resizing the terminal")(nix::errno::Errno::last()));
+        return Err(sys_context("resizing the terminal")(
+            nix::errno::Errno::last(),
+        ));
     }
     Ok(())
 }

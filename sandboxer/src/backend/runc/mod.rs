@@ -58,8 +58,11 @@ impl Backend for Runc {
             runc_root: self.cli.root_for(&req.namespace).display().to_string(),
         };
         let runtime_file = req.bundle.join(kuasar_protocol::BUNDLE_RUNTIME_FILE);
-        kuasar_protocol::shim::write_atomic(&runtime_file, &serde_json::to_vec(&runtime).unwrap_or_default())
-            .map_err(io_context(format!("writing {}", runtime_file.display())))?;
+        kuasar_protocol::shim::write_atomic(
+            &runtime_file,
+            &serde_json::to_vec(&runtime).unwrap_or_default(),
+        )
+        .map_err(io_context(format!("writing {}", runtime_file.display())))?;
 
         let bundle = req.bundle.display().to_string();
         let pid_file = req.bundle.join("init.pid");
@@ -138,7 +141,11 @@ async fn launch(
         args.push(console.path().display().to_string());
         args.push(id.into());
         let receive = tokio::spawn(console.receive());
-        let null = || std::fs::File::open("/dev/null").map(OwnedFd::from).map_err(io_context("opening /dev/null"));
+        let null = || {
+            std::fs::File::open("/dev/null")
+                .map(OwnedFd::from)
+                .map_err(io_context("opening /dev/null"))
+        };
         let ran = cli
             .run_with_stdio(
                 namespace,
@@ -158,7 +165,10 @@ async fn launch(
         let master = receive
             .await
             .map_err(|e| Error::Internal(format!("console task: {e}")))??;
-        let dup = |fd: &OwnedFd| fd.try_clone().map_err(io_context("duplicating the terminal"));
+        let dup = |fd: &OwnedFd| {
+            fd.try_clone()
+                .map_err(io_context("duplicating the terminal"))
+        };
         if !paths.stdin.is_empty() {
             process.io.copy_stdin(&paths.stdin, dup(&master)?);
         }
@@ -192,7 +202,8 @@ async fn launch(
 }
 
 fn read_pid(path: &Path) -> Result<u32> {
-    let text = std::fs::read_to_string(path).map_err(io_context(format!("reading {}", path.display())))?;
+    let text =
+        std::fs::read_to_string(path).map_err(io_context(format!("reading {}", path.display())))?;
     text.trim()
         .parse()
         .map_err(|_| Error::Internal(format!("{} holds no pid: {text:?}", path.display())))
@@ -243,14 +254,18 @@ impl Container for RuncContainer {
     }
 
     async fn exec(&self, exec_id: &str, spec: &[u8], paths: &StdioPaths) -> Result<u32> {
-        let mut process: serde_json::Value = serde_json::from_slice(spec)
-            .map_err(|e| Error::InvalidArgument(format!("exec process spec is not valid JSON: {e}")))?;
+        let mut process: serde_json::Value = serde_json::from_slice(spec).map_err(|e| {
+            Error::InvalidArgument(format!("exec process spec is not valid JSON: {e}"))
+        })?;
         if let Some(obj) = process.as_object_mut() {
             obj.insert("terminal".into(), paths.terminal.into());
         }
         let spec_file = self.exec_file(exec_id, "json");
-        kuasar_protocol::shim::write_atomic(&spec_file, &serde_json::to_vec(&process).unwrap_or_default())
-            .map_err(io_context(format!("writing {}", spec_file.display())))?;
+        kuasar_protocol::shim::write_atomic(
+            &spec_file,
+            &serde_json::to_vec(&process).unwrap_or_default(),
+        )
+        .map_err(io_context(format!("writing {}", spec_file.display())))?;
         let pid_file = self.exec_file(exec_id, "pid");
         let args = vec![
             "exec".to_string(),
@@ -271,7 +286,12 @@ impl Container for RuncContainer {
             &self.exec_file(exec_id, "log"),
         )
         .await?;
-        watch_exit(&self.cli.reaper, launched.pid, Some(exec_id.to_string()), &self.exits);
+        watch_exit(
+            &self.cli.reaper,
+            launched.pid,
+            Some(exec_id.to_string()),
+            &self.exits,
+        );
         self.execs
             .lock()
             .await
@@ -301,7 +321,9 @@ impl Container for RuncContainer {
                 let sig = Signal::try_from(signal as i32)
                     .map_err(|_| Error::InvalidArgument(format!("invalid signal {signal}")))?;
                 nix::sys::signal::kill(Pid::from_raw(pid as i32), sig).map_err(|e| match e {
-                    nix::errno::Errno::ESRCH => Error::NotFound(format!("process {pid} already finished")),
+                    nix::errno::Errno::ESRCH => {
+                        Error::NotFound(format!("process {pid} already finished"))
+                    }
                     e => Error::Sys {
                         what: format!("signalling exec {exec_id}"),
                         source: e,
@@ -324,7 +346,9 @@ impl Container for RuncContainer {
         kuasar_protocol::shim::write_atomic(&file, resources)
             .map_err(io_context(format!("writing {}", file.display())))?;
         let file_arg = file.display().to_string();
-        let result = self.runc(&["update", "--resources", &file_arg, &self.id]).await;
+        let result = self
+            .runc(&["update", "--resources", &file_arg, &self.id])
+            .await;
         let _ = std::fs::remove_file(&file);
         result.map(|_| ())
     }
@@ -393,7 +417,10 @@ impl Container for RuncContainer {
             Ok(_) | Err(Error::NotFound(_)) => {}
             Err(e) => return Err(e),
         }
-        self.init.lock().await.io.drain().await;
+        // Dropping the process io ends its copies and stops its log driver.
+        let mut init = std::mem::take(&mut *self.init.lock().await);
+        init.io.drain().await;
+        drop(init);
         self.execs.lock().await.clear();
         for f in ["init.pid", "log.json", kuasar_protocol::BUNDLE_RUNTIME_FILE] {
             let _ = std::fs::remove_file(self.bundle.join(f));
