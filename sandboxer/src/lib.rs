@@ -10,6 +10,7 @@ pub mod error;
 pub mod events;
 pub mod ids;
 pub mod mount;
+pub mod oom;
 pub mod reaper;
 pub mod rpc;
 pub mod spawn;

@@ -15,12 +15,18 @@ use tokio::sync::mpsc;
 use crate::error::Result;
 use crate::stdio::StdioPaths;
 
-/// A process of a container ended: (exec id, `None` for the init process;
-/// exit status in containerd's convention).
-pub type Exit = (Option<String>, u32);
+/// What a container reports to the task layer.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ContainerEvent {
+    /// A process ended: exec id (`None` for init) and exit status in
+    /// containerd's convention.
+    Exit(Option<String>, u32),
+    /// The container ran out of memory.
+    Oom,
+}
 
-/// Where a container reports the exits of its processes.
-pub type ExitSink = mpsc::UnboundedSender<Exit>;
+/// Where a container reports its events.
+pub type EventSink = mpsc::UnboundedSender<ContainerEvent>;
 
 /// What a backend needs to create a container. The bundle holds
 /// `config.json`, and its `rootfs` is already mounted.
@@ -29,7 +35,7 @@ pub struct CreateRequest {
     pub id: String,
     pub bundle: PathBuf,
     pub stdio: StdioPaths,
-    pub exits: ExitSink,
+    pub events: EventSink,
 }
 
 #[async_trait]

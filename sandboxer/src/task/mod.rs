@@ -25,6 +25,7 @@ pub const TOPIC_EXIT: &str = "/tasks/exit";
 pub const TOPIC_DELETE: &str = "/tasks/delete";
 pub const TOPIC_EXEC_ADDED: &str = "/tasks/exec-added";
 pub const TOPIC_EXEC_STARTED: &str = "/tasks/exec-started";
+pub const TOPIC_OOM: &str = "/tasks/oom";
 pub const TOPIC_PAUSED: &str = "/tasks/paused";
 pub const TOPIC_RESUMED: &str = "/tasks/resumed";
 

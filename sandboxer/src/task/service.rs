@@ -6,15 +6,15 @@ use std::sync::Arc;
 use async_trait::async_trait;
 use containerd_shim_protos::api::*;
 use containerd_shim_protos::events::task::{
-    TaskCreate, TaskDelete, TaskExecAdded, TaskIO, TaskPaused, TaskResumed,
+    TaskCreate, TaskDelete, TaskExecAdded, TaskIO, TaskOOM, TaskPaused, TaskResumed,
 };
 use protobuf::Message;
 
 use super::{
-    timestamp, EventTarget, Process, Task, TOPIC_CREATE, TOPIC_DELETE, TOPIC_EXEC_ADDED,
+    timestamp, EventTarget, Process, Task, TOPIC_CREATE, TOPIC_DELETE, TOPIC_EXEC_ADDED, TOPIC_OOM,
     TOPIC_PAUSED, TOPIC_RESUMED,
 };
-use crate::backend::CreateRequest;
+use crate::backend::{ContainerEvent, CreateRequest};
 use crate::daemon::{Daemon, Sandbox};
 use crate::error::{Error, Result};
 use crate::rpc::{Handler, RequestContext};
@@ -132,14 +132,14 @@ impl TaskService {
             stderr: req.stderr.clone(),
             terminal: req.terminal,
         };
-        let (exits_tx, mut exits_rx) = tokio::sync::mpsc::unbounded_channel();
+        let (events_tx, mut events_rx) = tokio::sync::mpsc::unbounded_channel();
         let created = backend
             .create(CreateRequest {
                 namespace: ns.into(),
                 id: req.id.clone(),
                 bundle: bundle.clone(),
                 stdio: stdio.clone(),
-                exits: exits_tx,
+                events: events_tx,
             })
             .await;
         let container = match created {
@@ -177,15 +177,24 @@ impl TaskService {
             }
             return Err(e);
         }
-        // Exits flow from the backend into the task for as long as it lives.
+        // Container events flow into the task for as long as it lives.
         let weak = Arc::downgrade(&task);
         let daemon = self.daemon.clone();
         tokio::spawn(async move {
-            while let Some((exec_id, status)) = exits_rx.recv().await {
+            while let Some(event) = events_rx.recv().await {
                 let Some(task) = weak.upgrade() else { break };
-                task.on_exit(exec_id.as_deref(), status);
-                if exec_id.is_none() {
-                    daemon.save_task(&task);
+                match event {
+                    ContainerEvent::Exit(exec_id, status) => {
+                        task.on_exit(exec_id.as_deref(), status);
+                        if exec_id.is_none() {
+                            daemon.save_task(&task);
+                        }
+                    }
+                    ContainerEvent::Oom => {
+                        let mut ev = TaskOOM::new();
+                        ev.container_id = task.id.clone();
+                        task.events.publish(TOPIC_OOM, &ev);
+                    }
                 }
             }
         });

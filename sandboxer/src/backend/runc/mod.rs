@@ -21,7 +21,7 @@ use tokio::sync::Mutex;
 
 use self::cli::{RuncCli, RuncStdio};
 use self::console::ConsoleSocket;
-use super::{Backend, Container, CreateRequest, ExitSink};
+use super::{Backend, Container, ContainerEvent, CreateRequest, EventSink};
 use crate::error::{io_context, Error, Result};
 use crate::reaper::Reaper;
 use crate::stdio::{self, IoTasks, StdioPaths};
@@ -84,7 +84,13 @@ impl Backend for Runc {
             &req.bundle.join("log.json"),
         )
         .await?;
-        watch_exit(&self.cli.reaper, launched.pid, None, &req.exits);
+        watch_exit(&self.cli.reaper, launched.pid, None, &req.events);
+        let oom_sink = req.events.clone();
+        let oom = crate::oom::watch(launched.pid, move || {
+            let _ = oom_sink.send(ContainerEvent::Oom);
+        })
+        .map_err(|e| tracing::warn!(id = %req.id, "no OOM notifications: {e}"))
+        .ok();
         Ok(Box::new(RuncContainer {
             cli: self.cli.clone(),
             console_dir: self.console_dir.clone(),
@@ -92,7 +98,8 @@ impl Backend for Runc {
             id: req.id,
             bundle: req.bundle,
             pid: launched.pid,
-            exits: req.exits,
+            events: req.events,
+            oom,
             init: Mutex::new(launched.process),
             execs: Mutex::new(HashMap::new()),
         }))
@@ -210,12 +217,12 @@ fn read_pid(path: &Path) -> Result<u32> {
 }
 
 /// Forwards the exit of `pid` to the task layer.
-fn watch_exit(reaper: &Reaper, pid: u32, exec_id: Option<String>, exits: &ExitSink) {
+fn watch_exit(reaper: &Reaper, pid: u32, exec_id: Option<String>, events: &EventSink) {
     let rx = reaper.subscribe(pid as i32);
-    let exits = exits.clone();
+    let events = events.clone();
     tokio::spawn(async move {
         if let Ok(code) = rx.await {
-            let _ = exits.send((exec_id, code));
+            let _ = events.send(ContainerEvent::Exit(exec_id, code));
         }
     });
 }
@@ -227,7 +234,9 @@ struct RuncContainer {
     id: String,
     bundle: PathBuf,
     pid: u32,
-    exits: ExitSink,
+    events: EventSink,
+    /// The OOM watcher, ended with the container.
+    oom: Option<tokio::task::JoinHandle<()>>,
     init: Mutex<ProcessIo>,
     execs: Mutex<HashMap<String, (u32, ProcessIo)>>,
 }
@@ -290,7 +299,7 @@ impl Container for RuncContainer {
             &self.cli.reaper,
             launched.pid,
             Some(exec_id.to_string()),
-            &self.exits,
+            &self.events,
         );
         self.execs
             .lock()
@@ -416,6 +425,9 @@ impl Container for RuncContainer {
         match self.runc(&args).await {
             Ok(_) | Err(Error::NotFound(_)) => {}
             Err(e) => return Err(e),
+        }
+        if let Some(oom) = &self.oom {
+            oom.abort();
         }
         // Dropping the process io ends its copies and stops its log driver.
         let mut init = std::mem::take(&mut *self.init.lock().await);
