@@ -62,7 +62,10 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    match runtime.block_on(kuasar_sandboxer::run(config)) {
+    let result = runtime.block_on(kuasar_sandboxer::run(config));
+    // Threads blocked on a client's FIFO must not hold the exit up.
+    runtime.shutdown_timeout(std::time::Duration::from_secs(1));
+    match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             tracing::error!("{e}");

@@ -249,24 +249,24 @@ pub fn pipe() -> Result<(OwnedFd, OwnedFd)> {
 /// Copy tasks of one process; aborted when dropped.
 #[derive(Default)]
 pub struct IoTasks {
-    stdin: Option<(JoinHandle<()>, PathBuf)>,
+    stdin: Option<(JoinHandle<()>, FifoHandle)>,
     outputs: Vec<JoinHandle<()>>,
     pub logger: Option<Logger>,
 }
 
 impl IoTasks {
     /// Copies the stdin FIFO at `path` into `to` until the client closes it.
-    pub fn copy_stdin(&mut self, path: &str, to: OwnedFd) {
-        let fifo = PathBuf::from(path);
+    pub fn copy_stdin(&mut self, path: &str, to: OwnedFd) -> Result<()> {
+        let fifo = FifoHandle::open(Path::new(path))?;
         let task = tokio::spawn({
-            let fifo = fifo.clone();
+            let reopen = fifo.proc_path();
             async move {
-                // Opening for reading waits for containerd's writer.
+                // Opening for reading waits for the client's writer.
                 let opened = tokio::task::spawn_blocking(move || {
                     OpenOptions::new()
                         .read(true)
                         .custom_flags(libc::O_CLOEXEC)
-                        .open(&fifo)
+                        .open(&reopen)
                 })
                 .await;
                 let Ok(Ok(from)) = opened else { return };
@@ -277,6 +277,7 @@ impl IoTasks {
             }
         });
         self.stdin = Some((task, fifo));
+        Ok(())
     }
 
     /// Copies `from` (a terminal) into `to` until the terminal closes.
@@ -293,7 +294,7 @@ impl IoTasks {
     /// been passed on.
     pub async fn close_stdin(&mut self) {
         if let Some((task, fifo)) = self.stdin.take() {
-            release_fifo_opener(&fifo);
+            fifo.release_opener();
             let abort = task.abort_handle();
             if tokio::time::timeout(Duration::from_millis(200), task)
                 .await
@@ -321,7 +322,7 @@ impl IoTasks {
 impl Drop for IoTasks {
     fn drop(&mut self) {
         if let Some((task, fifo)) = self.stdin.take() {
-            release_fifo_opener(&fifo);
+            fifo.release_opener();
             task.abort();
         }
         for t in self.outputs.drain(..) {
@@ -333,13 +334,33 @@ impl Drop for IoTasks {
     }
 }
 
-/// A blocked open of a FIFO for reading returns once a writer appears;
-/// opening one ourselves releases a copy task whose client never came.
-fn release_fifo_opener(path: &Path) {
-    let _ = OpenOptions::new()
-        .write(true)
-        .custom_flags(libc::O_NONBLOCK | libc::O_CLOEXEC)
-        .open(path);
+/// An `O_PATH` handle on a client's FIFO. Opening through
+/// `/proc/self/fd/N` works even after the client removed the FIFO, so a
+/// blocked opener can always be released.
+struct FifoHandle(OwnedFd);
+
+impl FifoHandle {
+    fn open(path: &Path) -> Result<FifoHandle> {
+        let f = OpenOptions::new()
+            .read(true)
+            .custom_flags(libc::O_PATH | libc::O_CLOEXEC)
+            .open(path)
+            .map_err(io_context(format!("opening {}", path.display())))?;
+        Ok(FifoHandle(f.into()))
+    }
+
+    fn proc_path(&self) -> PathBuf {
+        PathBuf::from(format!("/proc/self/fd/{}", self.0.as_raw_fd()))
+    }
+
+    /// A blocked open for reading returns once a writer appears; opening
+    /// one ourselves releases a copy task whose client never came.
+    fn release_opener(&self) {
+        let _ = OpenOptions::new()
+            .write(true)
+            .custom_flags(libc::O_NONBLOCK | libc::O_CLOEXEC)
+            .open(self.proc_path());
+    }
 }
 
 fn set_nonblocking(fd: RawFd) -> io::Result<()> {

@@ -177,7 +177,7 @@ async fn launch(
                 .map_err(io_context("duplicating the terminal"))
         };
         if !paths.stdin.is_empty() {
-            process.io.copy_stdin(&paths.stdin, dup(&master)?);
+            process.io.copy_stdin(&paths.stdin, dup(&master)?)?;
         }
         process.io.copy_output(dup(&master)?, outputs.stdout)?;
         process.master = Some(master);
@@ -189,7 +189,7 @@ async fn launch(
                 .map_err(io_context("opening /dev/null"))?
         } else {
             let (r, w) = stdio::pipe()?;
-            process.io.copy_stdin(&paths.stdin, w);
+            process.io.copy_stdin(&paths.stdin, w)?;
             r
         };
         cli.run_with_stdio(
