@@ -1,1 +1,496 @@
+//! Test harness: a throw-away containerd (1.6 or 2.1) next to a private
+//! kuasar-sandboxer, in a private directory, with everything stopped,
+//! unmounted and removed on drop — also when a test panics.
 
+pub mod cmd;
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::OnceLock;
+use std::time::{Duration, Instant};
+
+pub use cmd::{run_cmd, Out};
+
+pub const IMAGE: &str = "docker.io/library/busybox:latest";
+pub const KUASAR_RUNC: &str = "io.containerd.kuasarrunc.v1";
+pub const RUNC_V2: &str = "io.containerd.runc.v2";
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Version {
+    V1_6,
+    V2_1,
+}
+
+impl Version {
+    /// Directory holding containerd, ctr and containerd-shim-runc-v2.
+    pub fn bin_dir(self) -> PathBuf {
+        match self {
+            Version::V1_6 => PathBuf::from("/usr/bin"),
+            Version::V2_1 => std::env::var_os("KUASAR_CONTAINERD2_DIR")
+                .map(PathBuf::from)
+                .unwrap_or_else(|| PathBuf::from("/opt/kuasar-deps/containerd-2/usr/bin")),
+        }
+    }
+
+    fn config(self, dir: &Path) -> String {
+        let d = dir.display();
+        match self {
+            Version::V1_6 => format!(
+                "version = 2\nroot = \"{d}/root\"\nstate = \"{d}/state\"\n\
+                 disabled_plugins = [\"io.containerd.grpc.v1.cri\"]\n\
+                 [grpc]\n  address = \"{d}/c.sock\"\n[ttrpc]\n  address = \"{d}/c.sock.ttrpc\"\n"
+            ),
+            Version::V2_1 => format!(
+                "version = 3\nroot = \"{d}/root\"\nstate = \"{d}/state\"\n\
+                 disabled_plugins = [\"io.containerd.grpc.v1.cri\", \"io.containerd.cri.v1.images\", \"io.containerd.cri.v1.runtime\"]\n\
+                 [grpc]\n  address = \"{d}/c.sock\"\n[ttrpc]\n  address = \"{d}/c.sock.ttrpc\"\n"
+            ),
+        }
+    }
+}
+
+pub fn workspace() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .unwrap()
+        .to_path_buf()
+}
+
+/// Where the kuasar binaries are: `KUASAR_BIN_DIR`, else target/release,
+/// else target/debug.
+pub fn kuasar_bin_dir() -> PathBuf {
+    if let Some(d) = std::env::var_os("KUASAR_BIN_DIR") {
+        return d.into();
+    }
+    let release = workspace().join("target/release");
+    if release.join("kuasar-sandboxer").exists() {
+        return release;
+    }
+    workspace().join("target/debug")
+}
+
+/// The busybox image archive: `KUASAR_BUSYBOX_IMAGE`, else built once by
+/// hack/build-busybox-image.py into target/kuasar-images.
+pub fn busybox_image() -> PathBuf {
+    static IMAGE_TAR: OnceLock<PathBuf> = OnceLock::new();
+    IMAGE_TAR
+        .get_or_init(|| {
+            if let Some(p) = std::env::var_os("KUASAR_BUSYBOX_IMAGE") {
+                return p.into();
+            }
+            let out = workspace().join("target/kuasar-images/busybox.tar");
+            if !out.exists() {
+                let o = run_cmd(
+                    Command::new("python3")
+                        .arg(workspace().join("hack/build-busybox-image.py"))
+                        .arg(&out),
+                    Duration::from_secs(60),
+                );
+                assert!(o.ok(), "building the busybox image: {o}");
+            }
+            out
+        })
+        .clone()
+}
+
+pub struct Env {
+    pub version: Version,
+    pub dir: PathBuf,
+    containerd: Option<Child>,
+    sandboxer: Option<Child>,
+}
+
+fn new_dir() -> PathBuf {
+    static SEQ: AtomicU32 = AtomicU32::new(0);
+    // Short: unix socket paths must stay under 108 bytes.
+    let dir = PathBuf::from(format!(
+        "/tmp/kx-{}-{}",
+        std::process::id(),
+        SEQ.fetch_add(1, Ordering::Relaxed)
+    ));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
+}
+
+fn wait_for(what: &str, timeout: Duration, mut ready: impl FnMut() -> bool) {
+    let deadline = Instant::now() + timeout;
+    while !ready() {
+        assert!(
+            Instant::now() < deadline,
+            "{what} did not come up within {timeout:?}"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+impl Env {
+    /// containerd of `version` with a kuasar-sandboxer, busybox imported.
+    pub fn start(version: Version) -> Env {
+        let image = busybox_image();
+        let dir = new_dir();
+        std::fs::write(dir.join("containerd.toml"), version.config(&dir)).unwrap();
+        std::fs::write(
+            dir.join("sandboxer.toml"),
+            "log_level = \"debug\"\n[runc]\nbinary = \"runc\"\n",
+        )
+        .unwrap();
+        let mut env = Env {
+            version,
+            dir,
+            containerd: None,
+            sandboxer: None,
+        };
+        env.start_sandboxer();
+        env.start_containerd();
+        env.ctr_ok(&["image", "import", image.to_str().unwrap()]);
+        env
+    }
+
+    pub fn sandboxer_root(&self) -> PathBuf {
+        self.dir.join("k")
+    }
+
+    /// The sandboxer's private socket.
+    pub fn private_socket(&self) -> PathBuf {
+        self.dir.join("k/s.sock")
+    }
+
+    pub fn grpc_socket(&self) -> PathBuf {
+        self.dir.join("c.sock")
+    }
+
+    pub fn start_sandboxer(&mut self) {
+        assert!(self.sandboxer.is_none(), "sandboxer already running");
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.dir.join("sandboxer.log"))
+            .unwrap();
+        let child = Command::new(kuasar_bin_dir().join("kuasar-sandboxer"))
+            .arg("--root")
+            .arg(self.sandboxer_root())
+            .arg("--listen")
+            .arg(self.private_socket())
+            .arg("--config")
+            .arg(self.dir.join("sandboxer.toml"))
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().unwrap())
+            .stderr(log)
+            .spawn()
+            .expect("starting kuasar-sandboxer");
+        self.sandboxer = Some(child);
+        let sock = self.private_socket();
+        wait_for("kuasar-sandboxer", Duration::from_secs(10), || {
+            sock.exists()
+        });
+    }
+
+    /// Stops the sandboxer (SIGTERM); containers keep running.
+    pub fn stop_sandboxer(&mut self) {
+        if let Some(c) = self.sandboxer.take() {
+            stop_child(c, Duration::from_secs(5));
+        }
+    }
+
+    pub fn sandboxer_alive(&mut self) -> bool {
+        matches!(
+            self.sandboxer.as_mut().map(|c| c.try_wait()),
+            Some(Ok(None))
+        )
+    }
+
+    pub fn sandboxer_pid(&self) -> Option<u32> {
+        self.sandboxer.as_ref().map(|c| c.id())
+    }
+
+    pub fn start_containerd(&mut self) {
+        assert!(self.containerd.is_none(), "containerd already running");
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.dir.join("containerd.log"))
+            .unwrap();
+        let path = format!(
+            "{}:{}:{}",
+            kuasar_bin_dir().display(),
+            self.version.bin_dir().display(),
+            std::env::var("PATH").unwrap_or_default()
+        );
+        let child = Command::new(self.version.bin_dir().join("containerd"))
+            .arg("--config")
+            .arg(self.dir.join("containerd.toml"))
+            .env("PATH", path)
+            .env(kuasar_protocol::SOCKET_ENV, self.private_socket())
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().unwrap())
+            .stderr(log)
+            .spawn()
+            .expect("starting containerd");
+        self.containerd = Some(child);
+        wait_for("containerd", Duration::from_secs(20), || {
+            self.ctr_timeout(&["version"], Duration::from_secs(2)).ok()
+        });
+    }
+
+    pub fn stop_containerd(&mut self) {
+        if let Some(c) = self.containerd.take() {
+            stop_child(c, Duration::from_secs(10));
+        }
+    }
+
+    pub fn restart_containerd(&mut self) {
+        self.stop_containerd();
+        self.start_containerd();
+    }
+
+    pub fn ctr_command(&self) -> Command {
+        let mut c = Command::new(self.version.bin_dir().join("ctr"));
+        c.arg("--address").arg(self.grpc_socket());
+        c
+    }
+
+    pub fn ctr_timeout(&self, args: &[&str], timeout: Duration) -> Out {
+        run_cmd(self.ctr_command().args(args), timeout)
+    }
+
+    /// Runs ctr with a one-minute bound.
+    pub fn ctr(&self, args: &[&str]) -> Out {
+        self.ctr_timeout(args, Duration::from_secs(60))
+    }
+
+    pub fn ctr_ok(&self, args: &[&str]) -> String {
+        let o = self.ctr(args);
+        assert!(o.ok(), "ctr {args:?} failed: {o}\n{}", self.log_tails());
+        o.stdout
+    }
+
+    /// `ctr run --rm` through `runtime` with the busybox image.
+    pub fn run_rm(&self, runtime: &str, id: &str, cmd: &[&str]) -> Out {
+        let mut args = vec!["run", "--rm", "--runtime", runtime, IMAGE, id];
+        args.extend_from_slice(cmd);
+        self.ctr(&args)
+    }
+
+    /// `ctr run -d` through `runtime`; asserts success.
+    pub fn run_detached(&self, runtime: &str, id: &str, cmd: &[&str]) {
+        let mut args = vec!["run", "-d", "--runtime", runtime, IMAGE, id];
+        args.extend_from_slice(cmd);
+        self.ctr_ok(&args);
+    }
+
+    /// The status column of `ctr task ls` for `id`.
+    pub fn task_status(&self, id: &str) -> Option<String> {
+        let out = self.ctr_ok(&["task", "ls"]);
+        out.lines()
+            .filter_map(|l| {
+                let f: Vec<&str> = l.split_whitespace().collect();
+                (f.len() >= 3 && f[0] == id).then(|| f[2].to_string())
+            })
+            .next()
+    }
+
+    pub fn wait_status(&self, id: &str, want: &str) {
+        wait_for(
+            &format!("task {id} {want}"),
+            Duration::from_secs(20),
+            || self.task_status(id).as_deref() == Some(want),
+        );
+    }
+
+    /// Kills (SIGKILL) and removes a container and its task.
+    pub fn remove(&self, id: &str) {
+        if self.task_status(id).is_some_and(|s| s != "STOPPED") {
+            self.ctr(&["task", "kill", "-s", "KILL", id]);
+            self.wait_status(id, "STOPPED");
+        }
+        let _ = self.ctr(&["task", "rm", id]);
+        self.ctr_ok(&["container", "rm", id]);
+    }
+
+    /// Live `containerd-shim-kuasar*` processes started by this env.
+    pub fn shim_processes(&self) -> Vec<String> {
+        let marker = self.dir.to_string_lossy().into_owned();
+        processes()
+            .into_iter()
+            .filter(|(_, cmd)| cmd.contains("containerd-shim-kuasar") && cmd.contains(&marker))
+            .map(|(pid, cmd)| format!("{pid} {cmd}"))
+            .collect()
+    }
+
+    /// What a removed container must not leave behind: mounts under the
+    /// env, task state and sockets in the sandboxer root, runc state.
+    pub fn leftovers(&self) -> Vec<String> {
+        let mut out: Vec<String> = mounts_under(&self.dir)
+            .into_iter()
+            .map(|m| format!("mount {m}"))
+            .collect();
+        let root = self.sandboxer_root();
+        for sub in ["state", "t"] {
+            for f in walk(&root.join(sub)) {
+                out.push(format!("file {}", f.display()));
+            }
+        }
+        if let Ok(namespaces) = std::fs::read_dir(root.join("runc")) {
+            for ns in namespaces.flatten() {
+                for c in std::fs::read_dir(ns.path()).into_iter().flatten().flatten() {
+                    out.push(format!("runc state {}", c.path().display()));
+                }
+            }
+        }
+        out
+    }
+
+    /// Asserts that no shim process stayed and nothing was left behind.
+    pub fn assert_clean(&self) {
+        // Removal is asynchronous in containerd for a moment after ctr returns.
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let (shims, left) = (self.shim_processes(), self.leftovers());
+            if shims.is_empty() && left.is_empty() {
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "not clean: shims {shims:?}, leftovers {left:?}\n{}",
+                self.log_tails()
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    pub fn log_tails(&self) -> String {
+        let tail = |name: &str| {
+            let text = std::fs::read_to_string(self.dir.join(name)).unwrap_or_default();
+            let lines: Vec<&str> = text.lines().collect();
+            lines[lines.len().saturating_sub(30)..].join("\n")
+        };
+        format!(
+            "--- containerd.log (tail) ---\n{}\n--- sandboxer.log (tail) ---\n{}",
+            tail("containerd.log"),
+            tail("sandboxer.log")
+        )
+    }
+}
+
+fn stop_child(mut c: Child, grace: Duration) {
+    // SAFETY: plain kill(2) on our own child.
+    unsafe { libc::kill(c.id() as i32, libc::SIGTERM) };
+    let deadline = Instant::now() + grace;
+    while Instant::now() < deadline {
+        if let Ok(Some(_)) = c.try_wait() {
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let _ = c.kill();
+    let _ = c.wait();
+}
+
+/// (pid, command line) of every process.
+pub fn processes() -> Vec<(u32, String)> {
+    let mut out = Vec::new();
+    for e in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
+        let Ok(pid) = e.file_name().to_string_lossy().parse::<u32>() else {
+            continue;
+        };
+        if let Ok(raw) = std::fs::read(e.path().join("cmdline")) {
+            let cmd = String::from_utf8_lossy(&raw)
+                .replace('\0', " ")
+                .trim()
+                .to_string();
+            out.push((pid, cmd));
+        }
+    }
+    out
+}
+
+/// Mount points at or below `dir`, deepest first.
+pub fn mounts_under(dir: &Path) -> Vec<String> {
+    let text = std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
+    let mut found = parse_mountpoints(&text, &dir.to_string_lossy());
+    found.sort_by_key(|m| std::cmp::Reverse(m.len()));
+    found
+}
+
+fn parse_mountpoints(mountinfo: &str, prefix: &str) -> Vec<String> {
+    mountinfo
+        .lines()
+        .filter_map(|l| l.split(' ').nth(4))
+        .map(|m| m.replace("\\040", " "))
+        .filter(|m| m == prefix || m.starts_with(&format!("{prefix}/")))
+        .collect()
+}
+
+fn walk(dir: &Path) -> Vec<PathBuf> {
+    let mut out = Vec::new();
+    for e in std::fs::read_dir(dir).into_iter().flatten().flatten() {
+        let p = e.path();
+        if p.is_dir() {
+            out.extend(walk(&p));
+        } else {
+            out.push(p);
+        }
+    }
+    out
+}
+
+impl Drop for Env {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            eprintln!("{}", self.log_tails());
+        }
+        self.stop_containerd();
+        // Containers outlive both daemons: remove them with runc directly.
+        let runc_root = self.sandboxer_root().join("runc");
+        for ns in std::fs::read_dir(&runc_root)
+            .into_iter()
+            .flatten()
+            .flatten()
+        {
+            for c in std::fs::read_dir(ns.path()).into_iter().flatten().flatten() {
+                let id = c.file_name().to_string_lossy().into_owned();
+                let _ = run_cmd(
+                    Command::new("runc")
+                        .arg("--root")
+                        .arg(ns.path())
+                        .args(["delete", "--force", &id]),
+                    Duration::from_secs(10),
+                );
+            }
+        }
+        self.stop_sandboxer();
+        // containerd-shim-runc-v2 processes of this env (comparison runs).
+        let marker = self.dir.to_string_lossy().into_owned();
+        for (pid, cmd) in processes() {
+            if cmd.contains("containerd-shim") && cmd.contains(&marker) {
+                // SAFETY: plain kill(2).
+                unsafe { libc::kill(pid as i32, libc::SIGKILL) };
+            }
+        }
+        for m in mounts_under(&self.dir) {
+            if let Ok(c) = std::ffi::CString::new(m) {
+                // SAFETY: c is a valid path.
+                unsafe { libc::umount2(c.as_ptr(), libc::MNT_DETACH) };
+            }
+        }
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn mountinfo_is_filtered_by_prefix() {
+        let info = "36 35 98:0 / /tmp/kx-1/root/x rw - overlay overlay rw\n\
+                    37 35 98:0 / /tmp/kx-10/y rw - ext4 /dev/vda rw\n\
+                    38 35 98:0 / /tmp/kx-1 rw - tmpfs tmpfs rw\n";
+        assert_eq!(
+            parse_mountpoints(info, "/tmp/kx-1"),
+            vec!["/tmp/kx-1/root/x", "/tmp/kx-1"]
+        );
+    }
+}
