@@ -94,6 +94,9 @@ pub fn busybox_image() -> PathBuf {
         .clone()
 }
 
+/// Directories of an env that get their own tmpfs.
+const OWN_TMPFS: [&str; 2] = ["state", "k"];
+
 pub struct Env {
     pub version: Version,
     pub dir: PathBuf,
@@ -136,6 +139,19 @@ impl Env {
             "log_level = \"debug\"\n[runc]\nbinary = \"runc\"\n",
         )
         .unwrap();
+        // containerd's state (bundles) and the sandboxer's root live on
+        // tmpfs, as /run/containerd and /run/kuasar do on a node.
+        for sub in OWN_TMPFS {
+            let target = dir.join(sub);
+            std::fs::create_dir_all(&target).unwrap();
+            let o = run_cmd(
+                Command::new("mount")
+                    .args(["-t", "tmpfs", "-o", "mode=0711", "tmpfs"])
+                    .arg(&target),
+                Duration::from_secs(10),
+            );
+            assert!(o.ok(), "mounting tmpfs on {}: {o}", target.display());
+        }
         let mut env = Env {
             version,
             dir,
@@ -322,8 +338,13 @@ impl Env {
     /// What a removed container must not leave behind: mounts under the
     /// env, task state and sockets in the sandboxer root, runc state.
     pub fn leftovers(&self) -> Vec<String> {
+        let own: Vec<String> = OWN_TMPFS
+            .iter()
+            .map(|s| self.dir.join(s).display().to_string())
+            .collect();
         let mut out: Vec<String> = mounts_under(&self.dir)
             .into_iter()
+            .filter(|m| !own.contains(m))
             .map(|m| format!("mount {m}"))
             .collect();
         let root = self.sandboxer_root();

@@ -307,11 +307,7 @@ fn sandboxer_down_fails_start_clearly_and_leaks_nothing(v: Version) {
     let _ = env.ctr(&["container", "rm", "d1"]);
     assert!(!env.ctr_ok(&["container", "ls", "-q"]).contains("d1"));
     assert!(env.shim_processes().is_empty());
-    assert!(
-        kuasar_e2e::mounts_under(&env.dir).is_empty(),
-        "{:?}",
-        kuasar_e2e::mounts_under(&env.dir)
-    );
+    assert!(env.leftovers().is_empty(), "{:?}", env.leftovers());
     // Back up, everything works again.
     env.start_sandboxer();
     let o = env.run_rm(KUASAR_RUNC, "d2", &["echo", "back"]);

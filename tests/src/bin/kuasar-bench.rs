@@ -1,0 +1,324 @@
+//! Side-by-side benchmark of `io.containerd.kuasarrunc.v1` against
+//! containerd-shim-runc-v2 on the same throw-away containerd, in one run.
+//!
+//! Usage: kuasar-bench [--containerd 1.6|2.1] [--serial N] [--parallel N] [--pss 1,10,50]
+
+use std::path::Path;
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use kuasar_e2e::{kuasar_bin_dir, processes, run_cmd, Env, Version, KUASAR_RUNC, RUNC_V2};
+
+struct Opts {
+    version: Version,
+    serial: usize,
+    parallel: usize,
+    shim_starts: usize,
+    pss_counts: Vec<usize>,
+}
+
+fn parse_opts() -> Opts {
+    let mut o = Opts {
+        version: Version::V1_6,
+        serial: 20,
+        parallel: 30,
+        shim_starts: 50,
+        pss_counts: vec![1, 10, 50],
+    };
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let mut it = args.iter();
+    while let Some(a) = it.next() {
+        let mut val = || {
+            it.next()
+                .unwrap_or_else(|| usage(&format!("{a} needs a value")))
+                .clone()
+        };
+        match a.as_str() {
+            "--containerd" => {
+                o.version = match val().as_str() {
+                    "1.6" => Version::V1_6,
+                    "2.1" => Version::V2_1,
+                    v => usage(&format!("unknown containerd version {v}")),
+                }
+            }
+            "--serial" => {
+                o.serial = val()
+                    .parse()
+                    .unwrap_or_else(|_| usage("--serial takes a number"))
+            }
+            "--parallel" => {
+                o.parallel = val()
+                    .parse()
+                    .unwrap_or_else(|_| usage("--parallel takes a number"))
+            }
+            "--shim-starts" => {
+                o.shim_starts = val()
+                    .parse()
+                    .unwrap_or_else(|_| usage("--shim-starts takes a number"))
+            }
+            "--pss" => {
+                o.pss_counts = val()
+                    .split(',')
+                    .map(|n| {
+                        n.parse()
+                            .unwrap_or_else(|_| usage("--pss takes numbers like 1,10,50"))
+                    })
+                    .collect()
+            }
+            "-h" | "--help" => usage(""),
+            other => usage(&format!("unknown argument {other}")),
+        }
+    }
+    o
+}
+
+fn usage(msg: &str) -> ! {
+    if !msg.is_empty() {
+        eprintln!("kuasar-bench: {msg}");
+    }
+    eprintln!("usage: kuasar-bench [--containerd 1.6|2.1] [--serial N] [--parallel N] [--shim-starts N] [--pss 1,10,50]");
+    std::process::exit(2)
+}
+
+fn percentile(mut v: Vec<f64>, p: f64) -> f64 {
+    v.sort_by(|a, b| a.partial_cmp(b).unwrap());
+    let idx = ((v.len() as f64 - 1.0) * p).round() as usize;
+    v[idx]
+}
+
+fn ms(d: Duration) -> f64 {
+    d.as_secs_f64() * 1000.0
+}
+
+/// Wall time of `<shim> start` for a fresh bundle, as containerd runs it.
+fn shim_start_times(env: &Env, runtime: &str, n: usize) -> Vec<f64> {
+    let (binary, kuasar) = match runtime {
+        KUASAR_RUNC => (kuasar_bin_dir().join("containerd-shim-kuasarrunc-v1"), true),
+        _ => (env.version.bin_dir().join("containerd-shim-runc-v2"), false),
+    };
+    let mut times = Vec::with_capacity(n);
+    for i in 0..n {
+        let id = format!("shim{}{i}", if kuasar { "k" } else { "r" });
+        let bundle = env.dir.join("bundles").join(&id);
+        std::fs::create_dir_all(&bundle).unwrap();
+        std::fs::write(
+            bundle.join("config.json"),
+            r#"{"ociVersion":"1.0.2","annotations":{}}"#,
+        )
+        .unwrap();
+        let shim = |action: &str| {
+            let mut c = Command::new(&binary);
+            c.args(["-namespace", "bench", "-address"])
+                .arg(env.grpc_socket())
+                .arg("-publish-binary")
+                .arg(env.version.bin_dir().join("containerd"))
+                .args(["-id", &id]);
+            if action == "delete" {
+                c.arg("-bundle").arg(&bundle);
+            }
+            c.arg(action)
+                .current_dir(&bundle)
+                .env("TTRPC_ADDRESS", env.dir.join("c.sock.ttrpc"))
+                .env(kuasar_protocol::SOCKET_ENV, env.private_socket());
+            c
+        };
+        let t = Instant::now();
+        let o = run_cmd(&mut shim("start"), Duration::from_secs(30));
+        times.push(ms(t.elapsed()));
+        assert!(o.ok(), "{runtime} shim start: {o}");
+        let _ = run_cmd(&mut shim("delete"), Duration::from_secs(10));
+        if !kuasar {
+            // The runc-v2 shim stays resident until told to go: stop it.
+            if let Ok(pid) = std::fs::read_to_string(bundle.join("shim.pid")) {
+                if let Ok(pid) = pid.trim().parse::<i32>() {
+                    // SAFETY: plain kill(2).
+                    unsafe { libc::kill(pid, libc::SIGKILL) };
+                }
+            }
+        }
+    }
+    times
+}
+
+fn serial_runs(env: &Env, runtime: &str, n: usize, tag: &str) -> Vec<f64> {
+    (0..n)
+        .map(|i| {
+            let t = Instant::now();
+            let o = env.run_rm(runtime, &format!("s{tag}{i}"), &["true"]);
+            let elapsed = ms(t.elapsed());
+            assert!(o.ok(), "{runtime} serial run: {o}");
+            elapsed
+        })
+        .collect()
+}
+
+fn start_many(env: &Env, runtime: &str, ids: &[String]) -> f64 {
+    let t = Instant::now();
+    std::thread::scope(|s| {
+        for id in ids {
+            s.spawn(move || env.run_detached(runtime, id, &["sleep", "3600"]));
+        }
+    });
+    ms(t.elapsed())
+}
+
+fn remove_all(env: &Env, ids: &[String]) {
+    for chunk in ids.chunks(10) {
+        std::thread::scope(|s| {
+            for id in chunk {
+                s.spawn(move || env.remove(id));
+            }
+        });
+    }
+}
+
+fn pss_kb(pid: u32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/smaps_rollup"))
+        .unwrap_or_default()
+        .lines()
+        .find_map(|l| {
+            l.strip_prefix("Pss:")
+                .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        })
+        .unwrap_or(0)
+}
+
+/// Summed PSS of every management process for `runtime` in this env:
+/// shims, plus the sandboxer for kuasar.
+fn management_pss_kb(env: &Env, runtime: &str) -> (u64, usize) {
+    let marker = env.dir.to_string_lossy().into_owned();
+    let mut pids: Vec<u32> = processes()
+        .into_iter()
+        .filter(|(_, cmd)| {
+            cmd.contains(&marker)
+                && match runtime {
+                    KUASAR_RUNC => cmd.contains("containerd-shim-kuasar"),
+                    _ => cmd.contains("containerd-shim-runc-v2"),
+                }
+        })
+        .map(|(pid, _)| pid)
+        .collect();
+    if runtime == KUASAR_RUNC {
+        pids.extend(env.sandboxer_pid());
+    }
+    (pids.iter().map(|p| pss_kb(*p)).sum(), pids.len())
+}
+
+struct Row {
+    metric: String,
+    runc: f64,
+    kuasar: f64,
+    unit: &'static str,
+}
+
+fn main() {
+    let opts = parse_opts();
+    assert!(
+        Path::new("/proc/self/smaps_rollup").exists(),
+        "needs /proc/PID/smaps_rollup"
+    );
+    let env = Env::start(opts.version);
+    let mut rows = Vec::new();
+    eprintln!(
+        "kuasar-bench: containerd {:?}, binaries in {}",
+        opts.version,
+        kuasar_bin_dir().display()
+    );
+
+    // Warm up both paths (page cache, first image unpack).
+    for rt in [RUNC_V2, KUASAR_RUNC] {
+        serial_runs(&env, rt, 2, &format!("w{}", rt.len()));
+    }
+
+    let sr = shim_start_times(&env, RUNC_V2, opts.shim_starts);
+    let sk = shim_start_times(&env, KUASAR_RUNC, opts.shim_starts);
+    rows.push(Row {
+        metric: format!("shim start, median of {}", opts.shim_starts),
+        runc: percentile(sr.clone(), 0.5),
+        kuasar: percentile(sk.clone(), 0.5),
+        unit: "ms",
+    });
+    rows.push(Row {
+        metric: "shim start, p90".into(),
+        runc: percentile(sr, 0.9),
+        kuasar: percentile(sk, 0.9),
+        unit: "ms",
+    });
+
+    // Interleave the serial runs so drift in machine load hits both alike.
+    let (mut r, mut k) = (Vec::new(), Vec::new());
+    for i in 0..opts.serial {
+        r.extend(serial_runs(&env, RUNC_V2, 1, &format!("r{i}-")));
+        k.extend(serial_runs(&env, KUASAR_RUNC, 1, &format!("k{i}-")));
+    }
+    rows.push(Row {
+        metric: format!("ctr run --rm busybox true, median of {}", opts.serial),
+        runc: percentile(r.clone(), 0.5),
+        kuasar: percentile(k.clone(), 0.5),
+        unit: "ms",
+    });
+    rows.push(Row {
+        metric: "ctr run --rm busybox true, p90".into(),
+        runc: percentile(r, 0.9),
+        kuasar: percentile(k, 0.9),
+        unit: "ms",
+    });
+
+    let ids = |p: &str, n: usize| -> Vec<String> { (0..n).map(|i| format!("{p}{i}")).collect() };
+    let pr = ids("par-r", opts.parallel);
+    let pk = ids("par-k", opts.parallel);
+    let tr = start_many(&env, RUNC_V2, &pr);
+    remove_all(&env, &pr);
+    let tk = start_many(&env, KUASAR_RUNC, &pk);
+    remove_all(&env, &pk);
+    rows.push(Row {
+        metric: format!("{} parallel ctr run -d, wall", opts.parallel),
+        runc: tr,
+        kuasar: tk,
+        unit: "ms",
+    });
+
+    for &n in &opts.pss_counts {
+        let mut per = [0.0f64; 2];
+        for (slot, rt) in [RUNC_V2, KUASAR_RUNC].into_iter().enumerate() {
+            let batch = ids(&format!("m{slot}-{n}-"), n);
+            start_many(&env, rt, &batch);
+            std::thread::sleep(Duration::from_millis(500));
+            let (kb, procs) = management_pss_kb(&env, rt);
+            eprintln!("  {rt}: {n} running -> {procs} management processes, {kb} kB PSS");
+            per[slot] = kb as f64 / 1024.0;
+            remove_all(&env, &batch);
+        }
+        rows.push(Row {
+            metric: format!("management PSS, {n} running"),
+            runc: per[0],
+            kuasar: per[1],
+            unit: "MB",
+        });
+    }
+
+    let ver = match opts.version {
+        Version::V1_6 => "1.6",
+        Version::V2_1 => "2.1",
+    };
+    println!(
+        "\ncontainerd {ver}: containerd-shim-runc-v2 vs kuasarrunc (same containerd, one run)\n"
+    );
+    println!("| metric | runc-v2 | kuasarrunc | ratio |");
+    println!("|---|---:|---:|---:|");
+    for r in rows {
+        println!(
+            "| {} | {:.2} {u} | {:.2} {u} | {:.3}x |",
+            r.metric,
+            r.runc,
+            r.kuasar,
+            if r.runc > 0.0 {
+                r.kuasar / r.runc
+            } else {
+                f64::NAN
+            },
+            u = r.unit
+        );
+    }
+    env.assert_clean();
+}
