@@ -4,7 +4,7 @@
 use std::fmt;
 use std::io::Read;
 use std::process::{Command, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 pub struct Out {
     pub status: Option<i32>,
@@ -61,20 +61,24 @@ pub fn run_cmd(cmd: &mut Command, timeout: Duration) -> Out {
         let _ = se.read_to_string(&mut s);
         s
     });
-    let deadline = Instant::now() + timeout;
+    // Wait on a thread so the exit is seen at once (timings depend on it).
+    let pid = child.id() as i32;
+    let (tx, rx) = std::sync::mpsc::channel();
+    let waiter = std::thread::spawn(move || {
+        let _ = tx.send(child.wait());
+    });
     let mut timed_out = false;
-    let status = loop {
-        match child.try_wait() {
-            Ok(Some(st)) => break st.code().or(st.signal_code().map(|s| 128 + s)),
-            Ok(None) if Instant::now() < deadline => std::thread::sleep(Duration::from_millis(5)),
-            _ => {
-                timed_out = true;
-                let _ = child.kill();
-                let _ = child.wait();
-                break None;
-            }
+    let status = match rx.recv_timeout(timeout) {
+        Ok(Ok(st)) => st.code().or(st.signal_code().map(|s| 128 + s)),
+        Ok(Err(_)) => None,
+        Err(_) => {
+            timed_out = true;
+            // SAFETY: plain kill(2) of our own, not yet reaped, child.
+            unsafe { libc::kill(pid, libc::SIGKILL) };
+            None
         }
     };
+    let _ = waiter.join();
     Out {
         status,
         stdout: t1.join().unwrap_or_default(),

@@ -2,6 +2,7 @@
 //! kuasar-sandboxer, in a private directory, with everything stopped,
 //! unmounted and removed on drop — also when a test panics.
 
+pub mod cgroup;
 pub mod cmd;
 
 use std::path::{Path, PathBuf};
@@ -15,6 +16,21 @@ pub use cmd::{run_cmd, Out};
 pub const IMAGE: &str = "docker.io/library/busybox:latest";
 pub const KUASAR_RUNC: &str = "io.containerd.kuasarrunc.v1";
 pub const RUNC_V2: &str = "io.containerd.runc.v2";
+
+/// The runtime the e2e suite drives: `KUASAR_E2E_RUNTIME`, else
+/// `io.containerd.kuasarrunc.v1`. Set it to `io.containerd.runc.v2` to check
+/// the suite itself against containerd's own shim.
+pub fn runtime_under_test() -> String {
+    std::env::var("KUASAR_E2E_RUNTIME")
+        .ok()
+        .filter(|r| !r.is_empty())
+        .unwrap_or_else(|| KUASAR_RUNC.to_string())
+}
+
+/// Whether `runtime` goes through the kuasar shims and sandboxer.
+pub fn is_kuasar(runtime: &str) -> bool {
+    runtime.starts_with("io.containerd.kuasar")
+}
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Version {
@@ -81,12 +97,17 @@ pub fn busybox_image() -> PathBuf {
             }
             let out = workspace().join("target/kuasar-images/busybox.tar");
             if !out.exists() {
-                let o = run_cmd(
-                    Command::new("python3")
-                        .arg(workspace().join("hack/build-busybox-image.py"))
-                        .arg(&out),
-                    Duration::from_secs(60),
-                );
+                let sh = workspace().join("hack/build-busybox-image.sh");
+                let mut cmd = if sh.exists() {
+                    let mut c = Command::new("bash");
+                    c.arg(sh);
+                    c
+                } else {
+                    let mut c = Command::new("python3");
+                    c.arg(workspace().join("hack/build-busybox-image.py"));
+                    c
+                };
+                let o = run_cmd(cmd.arg(&out), Duration::from_secs(60));
                 assert!(o.ok(), "building the busybox image: {o}");
             }
             out
@@ -282,29 +303,72 @@ impl Env {
         o.stdout
     }
 
+    /// The cgroup parent of this env's containers (the env dir's name).
+    pub fn cgroup_name(&self) -> String {
+        self.dir.file_name().unwrap().to_string_lossy().into_owned()
+    }
+
+    /// runc root for containerd-shim-runc-v2 runs, inside the env (its
+    /// default, /run/containerd/runc, belongs to the system containerd).
+    pub fn runc_v2_root(&self) -> PathBuf {
+        self.dir.join("runc-v2")
+    }
+
+    /// Arguments of `ctr run FLAGS… --runtime RUNTIME IMAGE ID CMD…`, with
+    /// the container's cgroup under this env's parent cgroup.
+    pub fn run_args(&self, flags: &[&str], runtime: &str, id: &str, cmd: &[&str]) -> Vec<String> {
+        let mut args: Vec<String> = vec!["run".into()];
+        args.extend(flags.iter().map(|s| s.to_string()));
+        args.extend([
+            "--runtime".into(),
+            runtime.into(),
+            "--cgroup".into(),
+            format!("/{}/{id}", self.cgroup_name()),
+        ]);
+        if !is_kuasar(runtime) {
+            args.extend([
+                "--runc-root".into(),
+                self.runc_v2_root().display().to_string(),
+            ]);
+        }
+        args.extend([IMAGE.to_string(), id.to_string()]);
+        args.extend(cmd.iter().map(|s| s.to_string()));
+        args
+    }
+
+    /// A `ctr run` command line (see [`Env::run_args`]) ready to spawn.
+    pub fn run_command(&self, flags: &[&str], runtime: &str, id: &str, cmd: &[&str]) -> Command {
+        let mut c = self.ctr_command();
+        c.args(self.run_args(flags, runtime, id, cmd));
+        c
+    }
+
+    /// `ctr run FLAGS…` with a one-minute bound.
+    pub fn run_with(&self, flags: &[&str], runtime: &str, id: &str, cmd: &[&str]) -> Out {
+        run_cmd(
+            &mut self.run_command(flags, runtime, id, cmd),
+            Duration::from_secs(60),
+        )
+    }
+
     /// `ctr run --rm` through `runtime` with the busybox image.
     pub fn run_rm(&self, runtime: &str, id: &str, cmd: &[&str]) -> Out {
-        let mut args = vec!["run", "--rm", "--runtime", runtime, IMAGE, id];
-        args.extend_from_slice(cmd);
-        self.ctr(&args)
+        self.run_with(&["--rm"], runtime, id, cmd)
     }
 
     /// `ctr run -d` through `runtime`; asserts success.
     pub fn run_detached(&self, runtime: &str, id: &str, cmd: &[&str]) {
-        let mut args = vec!["run", "-d", "--runtime", runtime, IMAGE, id];
-        args.extend_from_slice(cmd);
-        self.ctr_ok(&args);
+        let o = self.run_with(&["-d"], runtime, id, cmd);
+        assert!(
+            o.ok(),
+            "ctr run -d {id} {cmd:?} failed: {o}\n{}",
+            self.log_tails()
+        );
     }
 
     /// The status column of `ctr task ls` for `id`.
     pub fn task_status(&self, id: &str) -> Option<String> {
-        let out = self.ctr_ok(&["task", "ls"]);
-        out.lines()
-            .filter_map(|l| {
-                let f: Vec<&str> = l.split_whitespace().collect();
-                (f.len() >= 3 && f[0] == id).then(|| f[2].to_string())
-            })
-            .next()
+        parse_task_status(&self.ctr_ok(&["task", "ls"]), id)
     }
 
     pub fn wait_status(&self, id: &str, want: &str) {
@@ -338,13 +402,9 @@ impl Env {
     /// What a removed container must not leave behind: mounts under the
     /// env, task state and sockets in the sandboxer root, runc state.
     pub fn leftovers(&self) -> Vec<String> {
-        let own: Vec<String> = OWN_TMPFS
-            .iter()
-            .map(|s| self.dir.join(s).display().to_string())
-            .collect();
-        let mut out: Vec<String> = mounts_under(&self.dir)
+        let mut out: Vec<String> = self
+            .mounts()
             .into_iter()
-            .filter(|m| !own.contains(m))
             .map(|m| format!("mount {m}"))
             .collect();
         let root = self.sandboxer_root();
@@ -360,7 +420,34 @@ impl Env {
                 }
             }
         }
+        // containerd-shim-runc-v2 runs (ctr --runc-root) keep no namespace level.
+        for c in std::fs::read_dir(self.runc_v2_root())
+            .into_iter()
+            .flatten()
+            .flatten()
+        {
+            out.push(format!("runc state {}", c.path().display()));
+        }
+        let cg = self.cgroup_name();
+        for pid in cgroup::procs(&cg) {
+            out.push(format!("container process {pid} {}", cmdline(pid)));
+        }
+        for c in cgroup::children(&cg) {
+            out.push(format!("cgroup {}", c.display()));
+        }
         out
+    }
+
+    /// Mounts at or below the env dir, except the env's own tmpfs.
+    pub fn mounts(&self) -> Vec<String> {
+        let own: Vec<String> = OWN_TMPFS
+            .iter()
+            .map(|s| self.dir.join(s).display().to_string())
+            .collect();
+        mounts_under(&self.dir)
+            .into_iter()
+            .filter(|m| !own.contains(m))
+            .collect()
     }
 
     /// Asserts that no shim process stayed and nothing was left behind.
@@ -409,6 +496,26 @@ fn stop_child(mut c: Child, grace: Duration) {
     let _ = c.wait();
 }
 
+/// The command line of `pid`, arguments separated by spaces.
+pub fn cmdline(pid: u32) -> String {
+    let raw = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+    String::from_utf8_lossy(&raw)
+        .replace('\0', " ")
+        .trim()
+        .to_string()
+}
+
+/// The status column of `ctr task ls` output for `id`.
+pub fn parse_task_status(task_ls: &str, id: &str) -> Option<String> {
+    task_ls
+        .lines()
+        .filter_map(|l| {
+            let f: Vec<&str> = l.split_whitespace().collect();
+            (f.len() >= 3 && f[0] == id).then(|| f[2].to_string())
+        })
+        .next()
+}
+
 /// (pid, command line) of every process.
 pub fn processes() -> Vec<(u32, String)> {
     let mut out = Vec::new();
@@ -439,9 +546,30 @@ fn parse_mountpoints(mountinfo: &str, prefix: &str) -> Vec<String> {
     mountinfo
         .lines()
         .filter_map(|l| l.split(' ').nth(4))
-        .map(|m| m.replace("\\040", " "))
+        .map(unescape_octal)
         .filter(|m| m == prefix || m.starts_with(&format!("{prefix}/")))
         .collect()
+}
+
+/// Undoes the kernel's `\ooo` escaping of space, tab, newline and backslash
+/// in /proc/self/mountinfo.
+fn unescape_octal(s: &str) -> String {
+    let b = s.as_bytes();
+    let mut out = Vec::with_capacity(b.len());
+    let mut i = 0;
+    while i < b.len() {
+        if b[i] == b'\\'
+            && i + 3 < b.len()
+            && b[i + 1..i + 4].iter().all(|c| (b'0'..=b'7').contains(c))
+        {
+            out.push((b[i + 1] - b'0') * 64 + (b[i + 2] - b'0') * 8 + (b[i + 3] - b'0'));
+            i += 4;
+        } else {
+            out.push(b[i]);
+            i += 1;
+        }
+    }
+    String::from_utf8_lossy(&out).into_owned()
 }
 
 fn walk(dir: &Path) -> Vec<PathBuf> {
@@ -481,6 +609,22 @@ impl Drop for Env {
                 );
             }
         }
+        for c in std::fs::read_dir(self.runc_v2_root())
+            .into_iter()
+            .flatten()
+            .flatten()
+        {
+            let id = c.file_name().to_string_lossy().into_owned();
+            let _ = run_cmd(
+                Command::new("runc")
+                    .arg("--root")
+                    .arg(self.runc_v2_root())
+                    .args(["delete", "--force", &id]),
+                Duration::from_secs(10),
+            );
+        }
+        // Whatever still runs in the env's cgroups (also frozen ones).
+        cgroup::destroy(&self.cgroup_name());
         self.stop_sandboxer();
         // containerd-shim-runc-v2 processes of this env (comparison runs).
         let marker = self.dir.to_string_lossy().into_owned();
@@ -513,5 +657,26 @@ mod tests {
             parse_mountpoints(info, "/tmp/kx-1"),
             vec!["/tmp/kx-1/root/x", "/tmp/kx-1"]
         );
+    }
+
+    #[test]
+    fn mountinfo_escapes_are_undone() {
+        let info = "36 35 98:0 / /tmp/kx-1/a\\040b\\011c\\134d rw - tmpfs tmpfs rw\n";
+        assert_eq!(
+            parse_mountpoints(info, "/tmp/kx-1"),
+            vec!["/tmp/kx-1/a b\tc\\d"]
+        );
+        assert_eq!(unescape_octal("x\\04"), "x\\04");
+        assert_eq!(unescape_octal("\\9999"), "\\9999");
+    }
+
+    #[test]
+    fn task_ls_status_is_found_by_exact_id() {
+        let out = "TASK    PID      STATUS    \n\
+                   c1      12345    RUNNING\n\
+                   c10     12346    STOPPED\n";
+        assert_eq!(parse_task_status(out, "c1").as_deref(), Some("RUNNING"));
+        assert_eq!(parse_task_status(out, "c10").as_deref(), Some("STOPPED"));
+        assert_eq!(parse_task_status(out, "c"), None);
     }
 }

@@ -2,13 +2,17 @@
 //! through `io.containerd.kuasarrunc.v1` and the kuasar-sandboxer. Every
 //! test runs against both containerd versions and ends by checking that no
 //! shim process stayed and nothing was left behind.
+//!
+//! `KUASAR_E2E_RUNTIME=io.containerd.runc.v2` runs the same scenarios
+//! through containerd's own shim, to check the suite itself; the scenarios
+//! that only make sense with the sandboxer then skip what does not apply.
 
 use std::io::{Read, Write};
 use std::os::unix::net::UnixStream;
 use std::process::Command;
 use std::time::Duration;
 
-use kuasar_e2e::{run_cmd, Env, Version, IMAGE, KUASAR_RUNC};
+use kuasar_e2e::{is_kuasar, run_cmd, runtime_under_test, Env, Version};
 use kuasar_protocol::{wire, Client, Code, Error};
 
 macro_rules! both_versions {

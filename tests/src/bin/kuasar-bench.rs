@@ -99,7 +99,8 @@ fn shim_start_times(env: &Env, runtime: &str, n: usize) -> Vec<f64> {
     let mut times = Vec::with_capacity(n);
     for i in 0..n {
         let id = format!("shim{}{i}", if kuasar { "k" } else { "r" });
-        let bundle = env.dir.join("bundles").join(&id);
+        // Bundles live in containerd's state dir (tmpfs), as containerd puts them.
+        let bundle = env.dir.join("state/bench-bundles").join(&id);
         std::fs::create_dir_all(&bundle).unwrap();
         std::fs::write(
             bundle.join("config.json"),
@@ -230,6 +231,18 @@ fn main() {
         serial_runs(&env, rt, 2, &format!("w{}", rt.len()));
     }
 
+    // What spawning any binary costs through the same harness, for scale.
+    let baseline: Vec<f64> = (0..opts.shim_starts)
+        .map(|_| {
+            let t = Instant::now();
+            run_cmd(&mut Command::new("/bin/true"), Duration::from_secs(10));
+            ms(t.elapsed())
+        })
+        .collect();
+    eprintln!(
+        "  baseline: exec of /bin/true through the harness, median {:.2} ms",
+        percentile(baseline.clone(), 0.5)
+    );
     let sr = shim_start_times(&env, RUNC_V2, opts.shim_starts);
     let sk = shim_start_times(&env, KUASAR_RUNC, opts.shim_starts);
     rows.push(Row {
