@@ -12,7 +12,7 @@ use std::process::{Command, ExitCode, Stdio};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use containerd_shim_protos::api::DeleteResponse;
-use containerd_shim_protos::protobuf::{well_known_types::timestamp::Timestamp, Message};
+use containerd_shim_protos::protobuf::well_known_types::timestamp::Timestamp;
 use containerd_shim_protos::types::introspection::{RuntimeInfo, RuntimeVersion};
 
 use crate::cli::{Action, Args};
@@ -206,14 +206,21 @@ fn delete(kind: Kind, args: &Args) -> Result<(), ShimError> {
     ts.seconds = reply.exited_at_nanos.div_euclid(1_000_000_000);
     ts.nanos = reply.exited_at_nanos.rem_euclid(1_000_000_000) as i32;
     resp.exited_at = Some(ts).into();
-    let bytes = resp.write_to_bytes().map_err(|e| ShimError::Io {
-        what: "encoding the delete response".into(),
+    print_message(&resp, "the delete response")
+}
+
+/// Writes a protobuf message, and nothing else, to stdout.
+fn print_message(
+    msg: &dyn containerd_shim_protos::protobuf::MessageDyn,
+    what: &str,
+) -> Result<(), ShimError> {
+    let bytes = msg.write_to_bytes_dyn().map_err(|e| ShimError::Io {
+        what: format!("encoding {what}"),
         source: io::Error::other(e),
     })?;
     io::stdout()
         .write_all(&bytes)
-        .map_err(io_err("printing the delete response"))?;
-    Ok(())
+        .map_err(io_err(format!("printing {what}")))
 }
 
 /// What the sandboxer records in a bundle so that `delete` works without it.
@@ -301,13 +308,7 @@ fn print_info(kind: Kind) -> Result<(), ShimError> {
     let mut v = RuntimeVersion::new();
     v.version = env!("CARGO_PKG_VERSION").into();
     info.version = Some(v).into();
-    let bytes = info.write_to_bytes().map_err(|e| ShimError::Io {
-        what: "encoding runtime info".into(),
-        source: io::Error::other(e),
-    })?;
-    io::stdout()
-        .write_all(&bytes)
-        .map_err(io_err("printing runtime info"))
+    print_message(&info, "runtime info")
 }
 
 #[cfg(test)]

@@ -87,6 +87,15 @@ impl Handler for TaskService {
     }
 }
 
+/// How a process is named in messages: its exec id, or "init".
+fn process_label(exec_id: &str) -> &str {
+    if exec_id.is_empty() {
+        "init"
+    } else {
+        exec_id
+    }
+}
+
 fn not_running(task: &Task, what: &str) -> Error {
     Error::FailedPrecondition(format!("cannot {what}: task {} is not running", task.id))
 }
@@ -225,11 +234,7 @@ impl TaskService {
         if process.view().status != Status::CREATED {
             return Err(Error::FailedPrecondition(format!(
                 "process {} of task {} was already started",
-                if req.exec_id.is_empty() {
-                    "init"
-                } else {
-                    &req.exec_id
-                },
+                process_label(&req.exec_id),
                 req.id
             )));
         }
@@ -259,11 +264,7 @@ impl TaskService {
         if matches!(view.status, Status::RUNNING | Status::PAUSED) {
             return Err(Error::FailedPrecondition(format!(
                 "cannot delete a running process ({} of task {})",
-                if req.exec_id.is_empty() {
-                    "init"
-                } else {
-                    &req.exec_id
-                },
+                process_label(&req.exec_id),
                 req.id
             )));
         }
@@ -350,11 +351,7 @@ impl TaskService {
         if process.view().exit.is_some() {
             return Err(Error::NotFound(format!(
                 "process {} of task {} already finished",
-                if req.exec_id.is_empty() {
-                    "init"
-                } else {
-                    &req.exec_id
-                },
+                process_label(&req.exec_id),
                 req.id
             )));
         }
