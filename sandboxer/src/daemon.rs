@@ -148,6 +148,17 @@ impl Daemon {
             .ok_or_else(|| Error::NotFound(format!("task {id} not found in namespace {namespace}")))
     }
 
+    pub fn sandbox(&self, namespace: &str, id: &str) -> Result<Arc<Sandbox>> {
+        self.sandboxes
+            .lock()
+            .unwrap()
+            .get(&key(namespace, id))
+            .cloned()
+            .ok_or_else(|| {
+                Error::NotFound(format!("sandbox {id} not found in namespace {namespace}"))
+            })
+    }
+
     pub fn has_task(&self, namespace: &str, id: &str) -> bool {
         self.tasks.lock().unwrap().contains_key(&key(namespace, id))
     }

@@ -495,3 +495,7 @@ impl TaskService {
         Ok(resp)
     }
 }
+
+#[cfg(test)]
+#[path = "service_tests.rs"]
+mod tests;
