@@ -107,8 +107,12 @@ pub fn busybox_image() -> PathBuf {
                     c.arg(workspace().join("hack/build-busybox-image.py"));
                     c
                 };
-                let o = run_cmd(cmd.arg(&out), Duration::from_secs(60));
+                // Built under a private name, then renamed: another test
+                // binary may be building it at the same moment.
+                let tmp = out.with_extension(format!("tar.{}", std::process::id()));
+                let o = run_cmd(cmd.arg(&tmp), Duration::from_secs(60));
                 assert!(o.ok(), "building the busybox image: {o}");
+                std::fs::rename(&tmp, &out).expect("installing the busybox image");
             }
             out
         })
@@ -155,9 +159,11 @@ impl Env {
         let image = busybox_image();
         let dir = new_dir();
         std::fs::write(dir.join("containerd.toml"), version.config(&dir)).unwrap();
+        // Debug logs help a failing test; the benchmark asks for less.
+        let log_level = std::env::var("KUASAR_SANDBOXER_LOG").unwrap_or_else(|_| "debug".into());
         std::fs::write(
             dir.join("sandboxer.toml"),
-            "log_level = \"debug\"\n[runc]\nbinary = \"runc\"\n",
+            format!("log_level = \"{log_level}\"\n[runc]\nbinary = \"runc\"\n"),
         )
         .unwrap();
         // containerd's state (bundles) and the sandboxer's root live on
@@ -219,8 +225,9 @@ impl Env {
             .expect("starting kuasar-sandboxer");
         self.sandboxer = Some(child);
         let sock = self.private_socket();
+        // Listening, not merely a socket file (a stale one survives a stop).
         wait_for("kuasar-sandboxer", Duration::from_secs(10), || {
-            sock.exists()
+            std::os::unix::net::UnixStream::connect(&sock).is_ok()
         });
     }
 
@@ -413,20 +420,8 @@ impl Env {
                 out.push(format!("file {}", f.display()));
             }
         }
-        if let Ok(namespaces) = std::fs::read_dir(root.join("runc")) {
-            for ns in namespaces.flatten() {
-                for c in std::fs::read_dir(ns.path()).into_iter().flatten().flatten() {
-                    out.push(format!("runc state {}", c.path().display()));
-                }
-            }
-        }
-        // containerd-shim-runc-v2 runs (ctr --runc-root) keep no namespace level.
-        for c in std::fs::read_dir(self.runc_v2_root())
-            .into_iter()
-            .flatten()
-            .flatten()
-        {
-            out.push(format!("runc state {}", c.path().display()));
+        for (root, id) in self.runc_states() {
+            out.push(format!("runc state {}", root.join(id).display()));
         }
         let cg = self.cgroup_name();
         for pid in cgroup::procs(&cg) {
@@ -434,6 +429,21 @@ impl Env {
         }
         for c in cgroup::children(&cg) {
             out.push(format!("cgroup {}", c.display()));
+        }
+        out
+    }
+
+    /// (runc --root, container id) of every runc container state of this
+    /// env: the sandboxer's runc root and, for containerd-shim-runc-v2 runs,
+    /// `ctr --runc-root`; both keep one directory per namespace.
+    pub fn runc_states(&self) -> Vec<(PathBuf, String)> {
+        let mut out = Vec::new();
+        for root in [self.sandboxer_root().join("runc"), self.runc_v2_root()] {
+            for ns in std::fs::read_dir(&root).into_iter().flatten().flatten() {
+                for c in std::fs::read_dir(ns.path()).into_iter().flatten().flatten() {
+                    out.push((ns.path(), c.file_name().to_string_lossy().into_owned()));
+                }
+            }
         }
         out
     }
@@ -592,33 +602,11 @@ impl Drop for Env {
         }
         self.stop_containerd();
         // Containers outlive both daemons: remove them with runc directly.
-        let runc_root = self.sandboxer_root().join("runc");
-        for ns in std::fs::read_dir(&runc_root)
-            .into_iter()
-            .flatten()
-            .flatten()
-        {
-            for c in std::fs::read_dir(ns.path()).into_iter().flatten().flatten() {
-                let id = c.file_name().to_string_lossy().into_owned();
-                let _ = run_cmd(
-                    Command::new("runc")
-                        .arg("--root")
-                        .arg(ns.path())
-                        .args(["delete", "--force", &id]),
-                    Duration::from_secs(10),
-                );
-            }
-        }
-        for c in std::fs::read_dir(self.runc_v2_root())
-            .into_iter()
-            .flatten()
-            .flatten()
-        {
-            let id = c.file_name().to_string_lossy().into_owned();
+        for (root, id) in self.runc_states() {
             let _ = run_cmd(
                 Command::new("runc")
                     .arg("--root")
-                    .arg(self.runc_v2_root())
+                    .arg(root)
                     .args(["delete", "--force", &id]),
                 Duration::from_secs(10),
             );

@@ -32,47 +32,76 @@ both_versions!(
     containerd_restart_keeps_tasks_waitable_and_killable,
     sandboxer_down_fails_start_clearly_and_leaks_nothing,
     hostile_input_on_private_socket_is_refused_and_daemon_keeps_serving,
+    task_events_reach_containerd_in_order,
 );
 
+// Not yet expected to pass: the sandboxer does not re-adopt its tasks after
+// a restart (DESIGN.md section 3, "Never drop a connection while tasks
+// live"). Run with `cargo test -- --ignored`.
+mod v1_6_pending {
+    #[test]
+    #[ignore = "sandboxer restart does not re-adopt running tasks yet"]
+    fn sandboxer_restart_keeps_running_tasks() {
+        super::sandboxer_restart_keeps_running_tasks(kuasar_e2e::Version::V1_6)
+    }
+}
+mod v2_1_pending {
+    #[test]
+    #[ignore = "sandboxer restart does not re-adopt running tasks yet"]
+    fn sandboxer_restart_keeps_running_tasks() {
+        super::sandboxer_restart_keeps_running_tasks(kuasar_e2e::Version::V2_1)
+    }
+}
+
 fn output_is_captured_and_no_shim_stays(v: Version) {
+    let rt = runtime_under_test();
     let env = Env::start(v);
-    let o = env.run_rm(KUASAR_RUNC, "c1", &["echo", "hello", "kuasar"]);
+    let o = env.run_rm(&rt, "c1", &["echo", "hello", "kuasar"]);
     assert!(o.ok(), "{o}\n{}", env.log_tails());
     assert_eq!(o.stdout.trim(), "hello kuasar");
-    let o = env.run_rm(KUASAR_RUNC, "c2", &["sh", "-c", "echo out; echo err >&2"]);
+    let o = env.run_rm(&rt, "c2", &["sh", "-c", "echo out; echo err >&2"]);
     assert!(o.ok(), "{o}");
     assert_eq!(o.stdout.trim(), "out");
     assert_eq!(o.stderr.trim(), "err");
     env.assert_clean();
 }
 
-fn exit_codes_0_7_and_137_reach_ctr(v: Version) {
-    let env = Env::start(v);
-    assert_eq!(env.run_rm(KUASAR_RUNC, "e0", &["true"]).status, Some(0));
-    assert_eq!(
-        env.run_rm(KUASAR_RUNC, "e7", &["sh", "-c", "exit 7"])
-            .status,
-        Some(7)
-    );
-    // A foreground ctr learns a SIGKILL of the init process from Wait.
-    let mut fg = env.ctr_command();
-    fg.args([
-        "run",
-        "--rm",
-        "--runtime",
-        KUASAR_RUNC,
-        IMAGE,
-        "e137",
-        "sleep",
-        "600",
-    ]);
+/// Starts `ctr run --rm … sleep 600` in the foreground on a thread and
+/// waits until the task runs.
+fn foreground(env: &Env, rt: &str, id: &str) -> std::thread::JoinHandle<kuasar_e2e::Out> {
+    let mut fg = env.run_command(&["--rm"], rt, id, &["sleep", "600"]);
     let waiter = std::thread::spawn(move || run_cmd(&mut fg, Duration::from_secs(60)));
     let mut tries = 0;
-    while env.task_status("e137").as_deref() != Some("RUNNING") {
+    while env.task_status(id).as_deref() != Some("RUNNING") {
         tries += 1;
-        assert!(tries < 400, "e137 never ran");
+        assert!(tries < 400, "{id} never ran\n{}", env.log_tails());
         std::thread::sleep(Duration::from_millis(25));
     }
+    waiter
+}
+
+fn exit_codes_0_7_and_137_reach_ctr(v: Version) {
+    let rt = runtime_under_test();
+    let env = Env::start(v);
+    let o = env.run_rm(&rt, "e0", &["true"]);
+    assert_eq!(o.status, Some(0), "{o}");
+    let o = env.run_rm(&rt, "e7", &["sh", "-c", "exit 7"]);
+    assert_eq!(o.status, Some(7), "{o}");
+    let waiter = foreground(&env, &rt, "e137");
+    // A process that SIGKILLs itself: 128 + 9. (Not the init process: PID 1
+    // of a pid namespace is immune to its own SIGKILL.)
+    let o = env.ctr(&[
+        "task",
+        "exec",
+        "--exec-id",
+        "self",
+        "e137",
+        "sh",
+        "-c",
+        "kill -9 $$",
+    ]);
+    assert_eq!(o.status, Some(137), "exec killing itself: {o}");
+    // A foreground ctr learns a SIGKILL of the init process from Wait.
     env.ctr_ok(&["task", "kill", "-s", "KILL", "e137"]);
     let o = waiter.join().unwrap();
     assert_eq!(o.status, Some(137), "{o}");
@@ -80,8 +109,9 @@ fn exit_codes_0_7_and_137_reach_ctr(v: Version) {
 }
 
 fn exec_with_and_without_terminal(v: Version) {
+    let rt = runtime_under_test();
     let env = Env::start(v);
-    env.run_detached(KUASAR_RUNC, "x1", &["sleep", "600"]);
+    env.run_detached(&rt, "x1", &["sleep", "600"]);
     let o = env.ctr(&[
         "task",
         "exec",
@@ -118,29 +148,37 @@ fn exec_with_and_without_terminal(v: Version) {
         .stdout(std::process::Stdio::piped())
         .spawn()
         .unwrap();
-    child
-        .stdin
-        .take()
-        .unwrap()
-        .write_all(b"through stdin\n")
-        .unwrap();
-    let mut out = String::new();
-    child
-        .stdout
-        .take()
-        .unwrap()
-        .read_to_string(&mut out)
-        .unwrap();
-    assert!(child.wait().unwrap().success());
-    assert_eq!(out.trim(), "through stdin");
+    let mut stdin = child.stdin.take().unwrap();
+    let mut stdout = child.stdout.take().unwrap();
+    let reader = std::thread::spawn(move || {
+        let mut out = String::new();
+        let _ = stdout.read_to_string(&mut out);
+        out
+    });
+    stdin.write_all(b"through stdin\n").unwrap();
+    drop(stdin);
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    let status = loop {
+        if let Some(st) = child.try_wait().unwrap() {
+            break st;
+        }
+        if std::time::Instant::now() > deadline {
+            let _ = child.kill();
+            panic!("ctr task exec cat did not end after stdin EOF");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    assert!(status.success(), "{status:?}");
+    assert_eq!(reader.join().unwrap().trim(), "through stdin");
     env.remove("x1");
     env.assert_clean();
 }
 
 fn kill_ps_pause_resume_and_metrics(v: Version) {
+    let rt = runtime_under_test();
     let env = Env::start(v);
     env.run_detached(
-        KUASAR_RUNC,
+        &rt,
         "k1",
         &[
             "sh",
@@ -150,27 +188,34 @@ fn kill_ps_pause_resume_and_metrics(v: Version) {
     );
     env.wait_status("k1", "RUNNING");
     let ps = env.ctr_ok(&["task", "ps", "k1"]);
-    let pid_line = ps.lines().nth(1).expect("ps lists the init process");
-    assert!(
-        pid_line
-            .split_whitespace()
-            .next()
-            .unwrap()
-            .parse::<u32>()
-            .unwrap()
-            > 1,
-        "{ps}"
-    );
+    let pids: Vec<u32> = ps
+        .lines()
+        .skip(1)
+        .filter_map(|l| l.split_whitespace().next()?.parse().ok())
+        .collect();
+    let init: u32 = env
+        .ctr_ok(&["task", "ls"])
+        .lines()
+        .find(|l| l.split_whitespace().next() == Some("k1"))
+        .and_then(|l| l.split_whitespace().nth(1)?.parse().ok())
+        .expect("task ls shows k1's pid");
+    assert!(init > 1 && pids.contains(&init), "pid {init} not in {ps}");
     env.ctr_ok(&["task", "pause", "k1"]);
     env.wait_status("k1", "PAUSED");
     env.ctr_ok(&["task", "resume", "k1"]);
     env.wait_status("k1", "RUNNING");
     let metrics = env.ctr_ok(&["task", "metrics", "k1"]);
-    assert!(
-        metrics.contains("memory.usage_in_bytes") || metrics.contains("memory.usage"),
-        "{metrics}"
-    );
-    assert!(metrics.contains("pids.current"), "{metrics}");
+    let figure = |name: &str| -> u64 {
+        metrics
+            .lines()
+            .find(|l| l.split_whitespace().next() == Some(name))
+            .and_then(|l| l.split_whitespace().nth(1)?.parse().ok())
+            .unwrap_or_else(|| panic!("no {name} figure in metrics:\n{metrics}"))
+    };
+    assert!(figure("memory.usage_in_bytes") > 0, "{metrics}");
+    assert!(figure("cpuacct.usage") > 0, "{metrics}");
+    assert!(figure("pids.current") >= 1, "{metrics}");
+    // SIGTERM: the trap makes the init process exit.
     env.ctr_ok(&["task", "kill", "k1"]);
     env.wait_status("k1", "STOPPED");
     // Killing an exited task is NotFound in containerd's eyes.
@@ -180,26 +225,28 @@ fn kill_ps_pause_resume_and_metrics(v: Version) {
     let o = env.ctr(&["task", "rm", "k1"]);
     assert!(o.ok(), "{o}");
     env.ctr_ok(&["container", "rm", "k1"]);
+
+    // SIGKILL (`-s KILL`) of a running task: STOPPED, then deletable.
+    env.run_detached(&rt, "k2", &["sleep", "600"]);
+    env.wait_status("k2", "RUNNING");
+    env.ctr_ok(&["task", "kill", "-s", "KILL", "k2"]);
+    env.wait_status("k2", "STOPPED");
+    env.ctr_ok(&["task", "delete", "k2"]);
+    env.ctr_ok(&["container", "rm", "k2"]);
     env.assert_clean();
 }
 
 fn log_uri_file_and_binary_receive_output(v: Version) {
+    let rt = runtime_under_test();
     let env = Env::start(v);
     let log = env.dir.join("logs/out.log");
     let uri = format!("file://{}", log.display());
-    let o = env.ctr(&[
-        "run",
-        "--rm",
-        "--log-uri",
-        &uri,
-        "--runtime",
-        KUASAR_RUNC,
-        IMAGE,
+    let o = env.run_with(
+        &["--rm", "--log-uri", &uri],
+        &rt,
         "l1",
-        "sh",
-        "-c",
-        "echo to-file; echo err-file >&2",
-    ]);
+        &["sh", "-c", "echo to-file; echo err-file >&2"],
+    );
     assert!(o.ok(), "{o}");
     let text = std::fs::read_to_string(&log).unwrap();
     assert!(
@@ -221,19 +268,12 @@ fn log_uri_file_and_binary_receive_output(v: Version) {
     .unwrap();
     std::fs::set_permissions(&driver, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
     let uri = format!("binary://{}", driver.display());
-    let o = env.ctr(&[
-        "run",
-        "--rm",
-        "--log-uri",
-        &uri,
-        "--runtime",
-        KUASAR_RUNC,
-        IMAGE,
+    let o = env.run_with(
+        &["--rm", "--log-uri", &uri],
+        &rt,
         "l2",
-        "sh",
-        "-c",
-        "echo to-bin; echo err-bin >&2",
-    ]);
+        &["sh", "-c", "echo to-bin; echo err-bin >&2"],
+    );
     assert!(o.ok(), "{o}");
     for _ in 0..100 {
         if std::fs::read_to_string(&err)
@@ -250,16 +290,43 @@ fn log_uri_file_and_binary_receive_output(v: Version) {
 }
 
 fn twenty_concurrent_containers_run_and_clean_up(v: Version) {
+    let rt = runtime_under_test();
     let env = Env::start(v);
     let ids: Vec<String> = (0..20).map(|i| format!("p{i}")).collect();
     std::thread::scope(|s| {
         for id in &ids {
-            let env = &env;
-            s.spawn(move || env.run_detached(KUASAR_RUNC, id, &["sleep", "600"]));
+            let (env, rt) = (&env, &rt);
+            s.spawn(move || env.run_detached(rt, id, &["sleep", "600"]));
         }
     });
+    let ls = env.ctr_ok(&["task", "ls"]);
     for id in &ids {
-        assert_eq!(env.task_status(id).as_deref(), Some("RUNNING"), "{id}");
+        assert_eq!(
+            kuasar_e2e::parse_task_status(&ls, id).as_deref(),
+            Some("RUNNING"),
+            "{id}: {ls}"
+        );
+    }
+    // `shim start` wrote each bundle's address file: what containerd 1.6
+    // reconnects from after its own restart. (containerd-shim-runc-v2 2.1
+    // writes bootstrap.json instead.)
+    let check_address = is_kuasar(&rt) || v == Version::V1_6;
+    for id in ids.iter().filter(|_| check_address) {
+        let file = env
+            .dir
+            .join("state/io.containerd.runtime.v2.task/default")
+            .join(id)
+            .join("address");
+        let address =
+            std::fs::read_to_string(&file).unwrap_or_else(|e| panic!("{}: {e}", file.display()));
+        let path = address
+            .strip_prefix("unix://")
+            .unwrap_or_else(|| panic!("{id}: address {address:?} has no unix:// scheme"));
+        assert!(address.len() < 106, "{id}: address too long: {address}");
+        assert!(
+            std::os::unix::net::UnixStream::connect(path).is_ok(),
+            "{id}: nothing listens on {address}"
+        );
     }
     // While they run, containerd, the sandboxer and the containers are all
     // there is: no shim process per container.
@@ -274,13 +341,27 @@ fn twenty_concurrent_containers_run_and_clean_up(v: Version) {
             s.spawn(move || env.remove(id));
         }
     });
+    assert!(env.ctr_ok(&["task", "ls", "-q"]).trim().is_empty());
+    assert!(env.ctr_ok(&["container", "ls", "-q"]).trim().is_empty());
     env.assert_clean();
 }
 
+/// The brief's "two containers" plus one: r1 is waited on, r2 gets SIGTERM,
+/// r3 SIGKILL, all after containerd was restarted under them.
 fn containerd_restart_keeps_tasks_waitable_and_killable(v: Version) {
+    let rt = runtime_under_test();
     let mut env = Env::start(v);
-    env.run_detached(KUASAR_RUNC, "r1", &["sleep", "600"]);
-    env.run_detached(KUASAR_RUNC, "r2", &["sleep", "600"]);
+    env.run_detached(&rt, "r1", &["sleep", "600"]);
+    env.run_detached(
+        &rt,
+        "r2",
+        &[
+            "sh",
+            "-c",
+            "trap 'exit 0' TERM; while true; do sleep 0.1; done",
+        ],
+    );
+    env.run_detached(&rt, "r3", &["sleep", "600"]);
     env.restart_containerd();
     assert_eq!(
         env.task_status("r1").as_deref(),
@@ -289,7 +370,20 @@ fn containerd_restart_keeps_tasks_waitable_and_killable(v: Version) {
         env.log_tails()
     );
     assert_eq!(env.task_status("r2").as_deref(), Some("RUNNING"));
-    // attach waits on the task (Task.Wait) and reports its exit status.
+    assert_eq!(env.task_status("r3").as_deref(), Some("RUNNING"));
+    // The tasks still answer: exec into one after the restart.
+    let o = env.ctr(&[
+        "task",
+        "exec",
+        "--exec-id",
+        "after",
+        "r2",
+        "echo",
+        "still-here",
+    ]);
+    assert!(o.ok() && o.stdout.trim() == "still-here", "{o}");
+    // attach waits on the task (Task.Wait), reports its exit status, and
+    // deletes the task when it returns (ctr's `defer task.Delete`).
     let mut attach = env.ctr_command();
     attach.args(["task", "attach", "r1"]);
     let waiter = std::thread::spawn(move || run_cmd(&mut attach, Duration::from_secs(60)));
@@ -297,24 +391,45 @@ fn containerd_restart_keeps_tasks_waitable_and_killable(v: Version) {
     env.ctr_ok(&["task", "kill", "-s", "KILL", "r1"]);
     let o = waiter.join().unwrap();
     assert_eq!(o.status, Some(137), "{o}");
-    env.remove("r1");
-    env.remove("r2");
+    assert_eq!(env.task_status("r1"), None, "attach deleted the task");
+    env.ctr_ok(&["container", "rm", "r1"]);
+    // SIGTERM (trapped) after the restart: STOPPED, then deletable.
+    env.ctr_ok(&["task", "kill", "r2"]);
+    env.wait_status("r2", "STOPPED");
+    env.ctr_ok(&["task", "delete", "r2"]);
+    env.ctr_ok(&["container", "rm", "r2"]);
+    // SIGKILL after the restart, without a waiter.
+    env.ctr_ok(&["task", "kill", "-s", "KILL", "r3"]);
+    env.wait_status("r3", "STOPPED");
+    env.ctr_ok(&["task", "delete", "r3"]);
+    env.ctr_ok(&["container", "rm", "r3"]);
     env.assert_clean();
 }
 
 fn sandboxer_down_fails_start_clearly_and_leaks_nothing(v: Version) {
+    let rt = runtime_under_test();
     let mut env = Env::start(v);
+    if !is_kuasar(&rt) {
+        eprintln!("skipped: {rt} does not use the kuasar sandboxer");
+        return;
+    }
     env.stop_sandboxer();
-    let o = env.run_rm(KUASAR_RUNC, "d1", &["true"]);
+    let o = env.run_rm(&rt, "d1", &["true"]);
     assert!(!o.ok(), "{o}");
     assert!(o.stderr.contains("kuasar sandboxer unreachable"), "{o}");
+    assert!(
+        env.shim_processes().is_empty(),
+        "{:?}",
+        env.shim_processes()
+    );
+    // containerd may keep the container record; it must be removable.
     let _ = env.ctr(&["container", "rm", "d1"]);
     assert!(!env.ctr_ok(&["container", "ls", "-q"]).contains("d1"));
-    assert!(env.shim_processes().is_empty());
+    assert!(env.mounts().is_empty(), "{:?}", env.mounts());
     assert!(env.leftovers().is_empty(), "{:?}", env.leftovers());
     // Back up, everything works again.
     env.start_sandboxer();
-    let o = env.run_rm(KUASAR_RUNC, "d2", &["echo", "back"]);
+    let o = env.run_rm(&rt, "d2", &["echo", "back"]);
     assert!(o.ok() && o.stdout.trim() == "back", "{o}");
     env.assert_clean();
 }
@@ -329,42 +444,82 @@ fn resolve(kind: &str, id: &str) -> wire::ResolveRequest {
     }
 }
 
+/// Sends `bytes` on a fresh connection to the private socket, half-closes
+/// it and returns whatever the daemon answers before closing.
+fn raw_exchange(sock: &std::path::Path, bytes: &[u8]) -> Vec<u8> {
+    let mut s = UnixStream::connect(sock).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(15))).unwrap();
+    s.set_write_timeout(Some(Duration::from_secs(15))).unwrap();
+    // The daemon may refuse and close before reading everything.
+    let _ = s.write_all(bytes);
+    let _ = s.shutdown(std::net::Shutdown::Write);
+    let mut reply = Vec::new();
+    let mut buf = [0u8; 4096];
+    loop {
+        match s.read(&mut buf) {
+            Ok(0) => break,
+            Ok(n) => reply.extend_from_slice(&buf[..n]),
+            Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => break,
+            Err(e) => panic!("no answer and no close from the sandboxer: {e}"),
+        }
+    }
+    reply
+}
+
+/// `None` when the daemon closed without a reply; otherwise the error it
+/// answered with (anything but a well-formed error reply fails the test).
+fn error_reply(what: &str, reply: &[u8]) -> Option<(Code, String)> {
+    if reply.is_empty() {
+        return None;
+    }
+    let mut r = reply;
+    let resp: wire::Response = wire::read_frame(&mut r)
+        .unwrap_or_else(|e| panic!("{what}: unreadable reply {reply:?}: {e}"));
+    match resp.body {
+        Some(wire::response::Body::Error(e)) => Some((Code::from_i32(e.code), e.message)),
+        other => panic!("{what}: expected an error reply, got {other:?}"),
+    }
+}
+
 fn hostile_input_on_private_socket_is_refused_and_daemon_keeps_serving(v: Version) {
+    let rt = runtime_under_test();
     let mut env = Env::start(v);
     let sock = env.private_socket();
-    let raw = |bytes: &[u8]| -> Vec<u8> {
-        let mut s = UnixStream::connect(&sock).unwrap();
-        s.set_read_timeout(Some(Duration::from_secs(15))).unwrap();
-        s.write_all(bytes).unwrap();
-        let _ = s.shutdown(std::net::Shutdown::Write);
-        let mut reply = Vec::new();
-        let _ = s.read_to_end(&mut reply);
-        reply
-    };
-    let error_reply = |reply: &[u8]| -> Option<(i32, String)> {
-        let mut r = reply;
-        let resp: wire::Response = wire::read_frame(&mut r).ok()?;
-        match resp.body? {
-            wire::response::Body::Error(e) => Some((e.code, e.message)),
-            _ => None,
-        }
-    };
-    // Garbage: read as a huge length prefix, refused.
-    let (code, msg) = error_reply(&raw(b"GET / HTTP/1.1\r\n\r\n")).expect("error reply to garbage");
-    assert_eq!(code, Code::ResourceExhausted as i32, "{msg}");
-    // Oversized frame.
-    let (_, msg) =
-        error_reply(&raw(&u32::MAX.to_be_bytes())).expect("error reply to oversized frame");
-    assert!(msg.contains("exceeds"), "{msg}");
+    // Garbage: read as a huge length prefix.
+    if let Some((code, msg)) =
+        error_reply("garbage", &raw_exchange(&sock, b"GET / HTTP/1.1\r\n\r\n"))
+    {
+        assert!(
+            matches!(code, Code::ResourceExhausted | Code::InvalidArgument),
+            "garbage: {code:?} {msg}"
+        );
+    }
+    // Oversized length prefix.
+    if let Some((code, msg)) =
+        error_reply("0xFFFFFFFF", &raw_exchange(&sock, &u32::MAX.to_be_bytes()))
+    {
+        assert_eq!(code, Code::ResourceExhausted, "{msg}");
+        assert!(msg.contains("exceeds"), "{msg}");
+    }
+    // A frame one byte over the limit, payload included.
+    let over = wire::MAX_FRAME + 1;
+    let mut big = (over as u32).to_be_bytes().to_vec();
+    big.resize(4 + over, b'x');
+    if let Some((code, msg)) = error_reply("MAX_FRAME+1", &raw_exchange(&sock, &big)) {
+        assert_eq!(code, Code::ResourceExhausted, "{msg}");
+    }
     // A valid length with undecodable protobuf.
     let mut bad = 8u32.to_be_bytes().to_vec();
     bad.extend_from_slice(&[0xff; 8]);
-    let (code, _) = error_reply(&raw(&bad)).expect("error reply to malformed protobuf");
-    assert_eq!(code, Code::InvalidArgument as i32);
-    // Truncated frame then close: the daemon just drops the connection.
+    if let Some((code, msg)) = error_reply("bad protobuf", &raw_exchange(&sock, &bad)) {
+        assert_eq!(code, Code::InvalidArgument, "{msg}");
+    }
+    // Truncated frame then close: nothing to answer, the daemon hangs up.
     let mut trunc = 100u32.to_be_bytes().to_vec();
     trunc.extend_from_slice(b"abc");
-    assert!(raw(&trunc).is_empty());
+    assert!(raw_exchange(&sock, &trunc).is_empty());
+    // Connect and close at once.
+    drop(UnixStream::connect(&sock).unwrap());
 
     let refused = |req: wire::ResolveRequest| -> (Code, String) {
         let mut c = Client::connect(&sock, Duration::from_secs(10)).unwrap();
@@ -376,21 +531,24 @@ fn hostile_input_on_private_socket_is_refused_and_daemon_keeps_serving(v: Versio
     let (code, msg) = refused(resolve("nosuch", "x"));
     assert_eq!(code, Code::InvalidArgument);
     assert!(msg.contains("unknown sandbox kind"), "{msg}");
-    for id in ["../x", "a/b", "", &"y".repeat(10_000)] {
-        let (code, _) = refused(resolve("runc", id));
+    for id in ["../x", "a/b", "", "..", ".", &"y".repeat(10_000)] {
+        let (code, msg) = refused(resolve("runc", id));
         assert_eq!(
             code,
             Code::InvalidArgument,
-            "id {:?}",
+            "id {:?}: {msg}",
             &id[..id.len().min(10)]
         );
     }
+    let mut bad_ns = resolve("runc", "ok");
+    bad_ns.namespace = "../etc".into();
+    assert_eq!(refused(bad_ns).0, Code::InvalidArgument);
     let mut bad_group = resolve("runc", "ok");
     bad_group.group = "../../etc".into();
     assert_eq!(refused(bad_group).0, Code::InvalidArgument);
     for kind in ["wasm", "vmm"] {
         let (code, msg) = refused(resolve(kind, "ok"));
-        assert_eq!(code, Code::FailedPrecondition);
+        assert_eq!(code, Code::FailedPrecondition, "{kind}: {msg}");
         assert!(msg.contains("not enabled"), "{msg}");
     }
     let mut c = Client::connect(&sock, Duration::from_secs(10)).unwrap();
@@ -404,9 +562,208 @@ fn hostile_input_on_private_socket_is_refused_and_daemon_keeps_serving(v: Versio
         .expect("delete of an unknown id is idempotent");
     assert_eq!(reply.exit_status, 137);
     assert!(reply.exited_at_nanos > 0);
+    // Two requests on one connection: it keeps serving after an error.
+    let mut c = Client::connect(&sock, Duration::from_secs(10)).unwrap();
+    assert!(matches!(
+        c.resolve(resolve("nosuch", "x")),
+        Err(Error::Remote { .. })
+    ));
+    assert!(matches!(
+        c.resolve(resolve("wasm", "x")),
+        Err(Error::Remote { .. })
+    ));
 
     assert!(env.sandboxer_alive(), "{}", env.log_tails());
-    let o = env.run_rm(KUASAR_RUNC, "h1", &["echo", "ok"]);
+    let o = env.run_rm(&rt, "h1", &["echo", "ok"]);
     assert!(o.ok() && o.stdout.trim() == "ok", "{o}");
+    assert!(env.sandboxer_alive(), "{}", env.log_tails());
+    env.assert_clean();
+}
+
+/// Kills a spawned child when dropped, so a failing assertion cannot leave
+/// a `ctr events` running.
+struct KillOnDrop(Option<std::process::Child>);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.0.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+fn task_events_reach_containerd_in_order(v: Version) {
+    let rt = runtime_under_test();
+    let env = Env::start(v);
+    let mut events = env.ctr_command();
+    events
+        .arg("events")
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null());
+    let mut guard = KillOnDrop(Some(events.spawn().unwrap()));
+    let stdout = guard.0.as_mut().unwrap().stdout.take().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel::<String>();
+    let reader = std::thread::spawn(move || {
+        use std::io::BufRead;
+        for line in std::io::BufReader::new(stdout).lines() {
+            let Ok(line) = line else { break };
+            if tx.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    // `ctr events` subscribes asynchronously: create throw-away containers
+    // until it reports one.
+    let mut subscribed = false;
+    for n in 0..50 {
+        let probe = format!("probe{n}");
+        env.ctr_ok(&["container", "create", kuasar_e2e::IMAGE, &probe]);
+        env.ctr_ok(&["container", "rm", &probe]);
+        let want = format!("\"id\":\"{probe}\"");
+        let deadline = std::time::Instant::now() + Duration::from_millis(200);
+        while let Ok(line) =
+            rx.recv_timeout(deadline.saturating_duration_since(std::time::Instant::now()))
+        {
+            if line.contains(&want) {
+                subscribed = true;
+            }
+        }
+        if subscribed {
+            break;
+        }
+    }
+    assert!(subscribed, "ctr events never reported anything");
+    env.run_detached(&rt, "ev1", &["sleep", "600"]);
+    env.ctr_ok(&["task", "exec", "--exec-id", "x", "ev1", "true"]);
+    env.ctr_ok(&["task", "pause", "ev1"]);
+    env.ctr_ok(&["task", "resume", "ev1"]);
+    env.ctr_ok(&["task", "kill", "-s", "KILL", "ev1"]);
+    env.wait_status("ev1", "STOPPED");
+    env.ctr_ok(&["task", "delete", "ev1"]);
+    env.ctr_ok(&["container", "rm", "ev1"]);
+    // containerd's own /containers/delete comes after every task event.
+    let mut lines = Vec::new();
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while let Ok(line) =
+        rx.recv_timeout(deadline.saturating_duration_since(std::time::Instant::now()))
+    {
+        let done = line.contains("/containers/delete") && line.contains("\"id\":\"ev1\"");
+        lines.push(line);
+        if done {
+            break;
+        }
+    }
+    drop(guard);
+    let _ = reader.join();
+    let text = lines.join("\n");
+    let tasks: Vec<(&str, &str)> = text
+        .lines()
+        .filter(|l| l.contains("\"container_id\":\"ev1\""))
+        .filter_map(|l| {
+            let topic = l.split_whitespace().find(|w| w.starts_with("/tasks/"))?;
+            Some((topic, l))
+        })
+        .collect();
+    // Name each event by topic, and exits by process: "/tasks/exit x" is the
+    // exec's, "/tasks/exit ev1" the init process's.
+    let names: Vec<String> = tasks
+        .iter()
+        .map(|(t, l)| match *t {
+            "/tasks/exit" if l.contains("\"id\":\"x\"") => "/tasks/exit x".to_string(),
+            "/tasks/exit" if l.contains("\"id\":\"ev1\"") => "/tasks/exit ev1".to_string(),
+            t => t.to_string(),
+        })
+        .collect();
+    let mut sorted = names.clone();
+    if !is_kuasar(&rt) && !names.iter().any(|n| n == "/tasks/delete") {
+        // containerd-shim-runc-v2 2.1 sometimes exits before its TaskDelete
+        // is forwarded; the kuasar sandboxer must always send it.
+        eprintln!("{rt} sent no /tasks/delete");
+        sorted.push("/tasks/delete".into());
+    }
+    sorted.sort();
+    assert_eq!(
+        sorted,
+        [
+            "/tasks/create",
+            "/tasks/delete",
+            "/tasks/exec-added",
+            "/tasks/exec-started",
+            "/tasks/exit ev1",
+            "/tasks/exit x",
+            "/tasks/paused",
+            "/tasks/resumed",
+            "/tasks/start",
+        ],
+        "each event exactly once:\n{text}"
+    );
+    let at = |n: &str| names.iter().position(|x| x == n).unwrap_or(usize::MAX);
+    // The order each task's events must keep. (The exec's exit may race the
+    // pause that ctr issues once the exec's Wait returned.)
+    for pair in [
+        ["/tasks/create", "/tasks/start"],
+        ["/tasks/start", "/tasks/exec-added"],
+        ["/tasks/exec-added", "/tasks/exec-started"],
+        ["/tasks/exec-started", "/tasks/exit x"],
+        ["/tasks/exec-started", "/tasks/paused"],
+        ["/tasks/paused", "/tasks/resumed"],
+        ["/tasks/resumed", "/tasks/exit ev1"],
+        ["/tasks/exit x", "/tasks/exit ev1"],
+        ["/tasks/exit ev1", "/tasks/delete"],
+    ] {
+        assert!(
+            at(pair[0]) < at(pair[1]),
+            "{} after {}:\n{text}",
+            pair[0],
+            pair[1]
+        );
+    }
+    let line = |n: &str| tasks[at(n)].1;
+    assert!(
+        line("/tasks/exit ev1").contains("\"exit_status\":137"),
+        "{text}"
+    );
+    if at("/tasks/delete") != usize::MAX {
+        assert!(
+            line("/tasks/delete").contains("\"exit_status\":137"),
+            "{text}"
+        );
+    }
+    assert!(line("/tasks/start").contains("\"pid\":"), "{text}");
+    env.assert_clean();
+}
+
+/// The sandboxer restarts (SIGTERM, start again) under running containers:
+/// containerd must keep seeing them RUNNING and be able to exec, kill and
+/// delete them.
+fn sandboxer_restart_keeps_running_tasks(v: Version) {
+    let rt = runtime_under_test();
+    let mut env = Env::start(v);
+    if !is_kuasar(&rt) {
+        eprintln!("skipped: {rt} does not use the kuasar sandboxer");
+        return;
+    }
+    env.run_detached(&rt, "s1", &["sleep", "600"]);
+    env.stop_sandboxer();
+    env.start_sandboxer();
+    std::thread::sleep(Duration::from_millis(500));
+    assert_eq!(
+        env.task_status("s1").as_deref(),
+        Some("RUNNING"),
+        "{}",
+        env.log_tails()
+    );
+    let o = env.ctr(&["task", "exec", "--exec-id", "after", "s1", "echo", "alive"]);
+    assert!(
+        o.ok() && o.stdout.trim() == "alive",
+        "{o}\n{}",
+        env.log_tails()
+    );
+    env.ctr_ok(&["task", "kill", "-s", "KILL", "s1"]);
+    env.wait_status("s1", "STOPPED");
+    env.ctr_ok(&["task", "delete", "s1"]);
+    env.ctr_ok(&["container", "rm", "s1"]);
     env.assert_clean();
 }
