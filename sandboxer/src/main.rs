@@ -52,8 +52,13 @@ fn main() -> ExitCode {
         eprintln!("kuasar-sandboxer: cannot become child subreaper: {e}");
         return ExitCode::FAILURE;
     }
+    // One malloc arena per blocking thread (runc calls run on them) would
+    // cost the node resident memory for nothing: two are plenty.
+    // SAFETY: mallopt only tunes the allocator; called before any thread.
+    unsafe { libc::mallopt(libc::M_ARENA_MAX, 2) };
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
+        .thread_keep_alive(std::time::Duration::from_secs(2))
         .build()
     {
         Ok(r) => r,
