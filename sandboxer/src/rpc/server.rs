@@ -2,7 +2,6 @@
 //! closes it: the daemon never closes containerd's connections itself, since
 //! containerd takes a closed connection for a dead shim.
 
-use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -69,7 +68,6 @@ pub async fn serve_connection(stream: UnixStream, handler: Arc<dyn Handler>) {
             }
         }
     });
-    let mut inflight: HashMap<u32, tokio::task::JoinHandle<()>> = HashMap::new();
     loop {
         let frame = match frame::read_frame(&mut reader).await {
             Ok(f) => f,
@@ -80,7 +78,6 @@ pub async fn serve_connection(stream: UnixStream, handler: Arc<dyn Handler>) {
                 break;
             }
         };
-        inflight.retain(|_, h| !h.is_finished());
         let stream_id = frame.header.stream_id;
         if frame.header.kind != TYPE_REQUEST {
             // Streams and data frames are not part of the Task API.
@@ -97,20 +94,15 @@ pub async fn serve_connection(stream: UnixStream, handler: Arc<dyn Handler>) {
         };
         let handler = handler.clone();
         let tx = tx.clone();
-        inflight.insert(
-            stream_id,
-            tokio::spawn(async move {
-                let resp = dispatch(handler.as_ref(), &payload).await;
-                let _ = tx.send((stream_id, resp));
-            }),
-        );
+        tokio::spawn(async move {
+            let resp = dispatch(handler.as_ref(), &payload).await;
+            let _ = tx.send((stream_id, resp));
+        });
     }
-    // The peer is gone: in-flight calls have nobody to answer to.
-    for (_, h) in inflight {
-        h.abort();
-    }
-    drop(tx);
-    let _ = writer_task.await;
+    // The peer is gone. Calls in flight still run to their end (a Create cut
+    // off half-way would leave a container nobody tracks); their answers are
+    // dropped with the writer.
+    writer_task.abort();
 }
 
 async fn dispatch(handler: &dyn Handler, payload: &[u8]) -> Vec<u8> {
