@@ -33,6 +33,7 @@ both_versions!(
     sandboxer_down_fails_start_clearly_and_leaks_nothing,
     hostile_input_on_private_socket_is_refused_and_daemon_keeps_serving,
     task_events_reach_containerd_in_order,
+    containers_of_one_pod_share_one_task_socket,
 );
 
 // Not yet expected to pass: the sandboxer does not re-adopt its tasks after
@@ -765,5 +766,51 @@ fn sandboxer_restart_keeps_running_tasks(v: Version) {
     env.wait_status("s1", "STOPPED");
     env.ctr_ok(&["task", "delete", "s1"]);
     env.ctr_ok(&["container", "rm", "s1"]);
+    env.assert_clean();
+}
+
+/// Containers carrying the same `io.kubernetes.cri.sandbox-id` belong to one
+/// sandbox: one task address for all of them, and removing one member
+/// leaves the others served.
+fn containers_of_one_pod_share_one_task_socket(v: Version) {
+    let rt = runtime_under_test();
+    let env = Env::start(v);
+    let pod = ["-d", "--annotation", "io.kubernetes.cri.sandbox-id=pod1"];
+    for id in ["g1", "g2"] {
+        let o = env.run_with(&pod, &rt, id, &["sleep", "600"]);
+        assert!(o.ok(), "{o}\n{}", env.log_tails());
+    }
+    env.run_detached(&rt, "solo", &["sleep", "600"]);
+    if is_kuasar(&rt) {
+        let address = |id: &str| {
+            std::fs::read_to_string(
+                env.dir
+                    .join("state/io.containerd.runtime.v2.task/default")
+                    .join(id)
+                    .join("address"),
+            )
+            .unwrap()
+        };
+        assert_eq!(address("g1"), address("g2"), "one pod, one task socket");
+        assert_ne!(
+            address("g1"),
+            address("solo"),
+            "a container without a pod is its own sandbox"
+        );
+    }
+    env.remove("g1");
+    assert_eq!(env.task_status("g2").as_deref(), Some("RUNNING"));
+    let o = env.ctr(&[
+        "task",
+        "exec",
+        "--exec-id",
+        "e1",
+        "g2",
+        "echo",
+        "still-served",
+    ]);
+    assert!(o.ok() && o.stdout.trim() == "still-served", "{o}");
+    env.remove("g2");
+    env.remove("solo");
     env.assert_clean();
 }
