@@ -7,6 +7,6 @@ cd "$(dirname "$0")/.."
 VER=${1:-1.6}
 shift || true
 cargo build --release --workspace --bins
-python3 hack/build-busybox-image.py target/kuasar-images/busybox.tar
+bash hack/build-busybox-image.sh target/kuasar-images/busybox.tar >/dev/null
 KUASAR_BIN_DIR=$PWD/target/release KUASAR_BUSYBOX_IMAGE=$PWD/target/kuasar-images/busybox.tar \
   exec target/release/kuasar-bench --containerd "$VER" "$@"

@@ -3,7 +3,6 @@
 # containerd 1.6 + runc (Debian stable), containerd 2.1 (Debian unstable's
 # package, unpacked into a private folder), and the tools the tests use.
 set -euo pipefail
-HERE=$(cd "$(dirname "$0")" && pwd)
 PREFIX=${KUASAR_DEPS:-/opt/kuasar-deps}
 
 export DEBIAN_FRONTEND=noninteractive

@@ -1,44 +1,88 @@
 #!/usr/bin/env bash
-# The first command for a new user: installs what is needed, builds, and runs
-# a container through the kuasar shim on a private, stock containerd 1.6,
-# then shows that no shim process stayed resident. Cleans up on exit.
+# The first command for a new user on a fresh Debian 12 machine (as root):
+# installs what is needed, builds the workspace, and runs containers through
+# the kuasar shim on a private, stock containerd 1.6 next to a private
+# kuasar-sandboxer, showing that no shim process stays resident. Everything
+# it starts is stopped and removed on exit, also on failure or ^C; it exits
+# non-zero if anything fails. It never touches a system containerd.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-[ "$(id -u)" = 0 ] || { echo "hack/setup.sh: run as root" >&2; exit 1; }
-command -v cargo >/dev/null || { echo "hack/setup.sh: cargo is missing: install the Rust toolchain first" >&2; exit 1; }
+say() { printf '\n== %s\n' "$*"; }
+fail() { echo "FAIL: $*" >&2; exit 1; }
+[ "$(id -u)" = 0 ] || fail "run hack/setup.sh as root (it installs packages and runs containers)"
+command -v cargo >/dev/null ||
+  fail "cargo is missing: install the Rust toolchain first (https://rustup.rs), then rerun hack/setup.sh"
 
+say "installing dependencies (Debian packages; containerd 2.1 unpacked privately)"
 bash hack/install-deps.sh
-cargo build --release --workspace --bins
-python3 hack/build-busybox-image.py target/kuasar-images/busybox.tar
-source hack/lib/env.sh
+say "building the workspace (release)"
+cargo build --release --workspace
+IMAGE_TAR=target/kuasar-images/busybox.tar
+bash hack/build-busybox-image.sh "$IMAGE_TAR"
 
+# shellcheck source=hack/lib/containerd-env.sh
+source hack/lib/containerd-env.sh
 DIR=$(mktemp -d /tmp/kuasar-setup.XXXXXX)
-trap 'kuasar_env_down "$DIR"' EXIT
+teardown() {
+  local rc=$?
+  trap - EXIT INT TERM
+  say "tearing the private containerd and sandboxer down"
+  kuasar_env_down "$DIR" || rc=1
+  [ "$rc" = 0 ] && echo "done: everything under $DIR is stopped, unmounted and removed"
+  exit "$rc"
+}
+trap teardown EXIT
+trap 'exit 130' INT TERM
+
+say "starting containerd 1.6 (/usr/bin/containerd) and kuasar-sandboxer in $DIR"
 kuasar_env_up 1.6 "$DIR"
-"${KUASAR_CTR[@]}" image import target/kuasar-images/busybox.tar >/dev/null
+kuasar_ctr image import "$IMAGE_TAR"
 IMG=docker.io/library/busybox:latest
 RT=io.containerd.kuasarrunc.v1
 
-echo "== ctr run --rm --runtime $RT $IMG demo echo hello from kuasar"
-"${KUASAR_CTR[@]}" run --rm --runtime "$RT" "$IMG" demo echo hello from kuasar
+# --fifo-dir keeps ctr's FIFOs in this throw-away env, not /run/containerd/fifo.
+kuasar_env_run_flags "$RT"
+say "ctr run --rm --runtime $RT $IMG demo echo hello from kuasar"
+out=$(kuasar_ctr run --rm "${KUASAR_RUN_FLAGS[@]}" --runtime "$RT" "$IMG" demo echo hello from kuasar)
+echo "$out"
+[ "$out" = "hello from kuasar" ] || fail "unexpected output from the demo container"
 
-echo "== three detached containers"
-for i in 1 2 3; do "${KUASAR_CTR[@]}" run -d --runtime "$RT" "$IMG" "demo$i" sleep 600; done
-"${KUASAR_CTR[@]}" task ls
-echo "== processes: containerd, kuasar-sandboxer and the containers; no shim"
-ps -o pid,ppid,rss,args -p "$(cat "$DIR/containerd.pid")","$(cat "$DIR/sandboxer.pid")" \
-  --ppid "$(cat "$DIR/sandboxer.pid")"
-shims=$(pgrep -fa "containerd-shim-kuasar.*$DIR" || true)
+say "three detached containers: ctr run -d --runtime $RT $IMG demoN sleep 600"
+for i in 1 2 3; do
+  kuasar_ctr run -d "${KUASAR_RUN_FLAGS[@]}" --runtime "$RT" "$IMG" "demo$i" sleep 600
+done
+kuasar_ctr task ls
+containerd_pid=$(cat "$DIR/containerd.pid")
+sandboxer_pid=$(cat "$DIR/sandboxer.pid")
+mapfile -t task_pids < <(kuasar_ctr task ls | awk 'NR > 1 && $3 == "RUNNING" { print $2 }')
+[ ${#task_pids[@]} = 3 ] || fail "expected 3 running tasks, found ${#task_pids[@]}"
+
+say "processes: containerd, kuasar-sandboxer and the containers (children of the sandboxer)"
+pids=$(IFS=,; echo "$containerd_pid,$sandboxer_pid,${task_pids[*]}")
+ps -o pid,ppid,rss,args -p "$pids"
+for p in "${task_pids[@]}"; do
+  ppid=$(ps -o ppid= -p "$p" | tr -d ' ')
+  [ "$ppid" = "$sandboxer_pid" ] || fail "container process $p has parent $ppid, not the sandboxer"
+done
+echo "containerd-shim processes of this containerd (expected: none):"
+shims=$(kuasar_env_shim_pids "$DIR")
 if [ -n "$shims" ]; then
-  echo "FAIL: shim processes stayed resident:" >&2; echo "$shims" >&2; exit 1
+  # shellcheck disable=SC2086 # one pid a word
+  ps -o pid,ppid,rss,args -p "$(echo $shims | tr ' ' ,)"
+  fail "shim processes stayed resident"
 fi
-echo "OK: no containerd-shim-kuasar process is running"
+echo "  none: containerd ran containerd-shim-kuasarrunc-v1 once per container; it exited"
+
+say "stopping the detached containers"
+for i in 1 2 3; do kuasar_ctr task kill -s KILL "demo$i"; done
 for i in 1 2 3; do
-  "${KUASAR_CTR[@]}" task kill -s KILL "demo$i"
+  for _ in $(seq 100); do
+    [ "$(kuasar_ctr task ls | awk -v id="demo$i" '$1 == id { print $3 }')" = STOPPED ] && break
+    sleep 0.1
+  done
+  kuasar_ctr task rm "demo$i" >/dev/null 2>&1 || fail "ctr task rm demo$i"
+  kuasar_ctr container rm "demo$i"
 done
-sleep 0.5
-for i in 1 2 3; do
-  "${KUASAR_CTR[@]}" task rm "demo$i" >/dev/null
-  "${KUASAR_CTR[@]}" container rm "demo$i"
-done
-echo "== done; tearing the private containerd and sandboxer down"
+kuasar_ctr task ls
+[ -z "$(kuasar_env_shim_pids "$DIR")" ] || fail "shim processes remain after the containers were removed"
+echo "OK: no containerd-shim process of this env is left"
