@@ -4,6 +4,7 @@
 
 use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -96,7 +97,24 @@ async fn serve_peer(mut stream: UnixStream, daemon: &Arc<Daemon>) -> std::io::Re
     }
 }
 
+/// Counts a request in `Daemon::control_calls` while it is handled.
+struct Busy<'a>(&'a AtomicUsize);
+
+impl<'a> Busy<'a> {
+    fn new(n: &'a AtomicUsize) -> Busy<'a> {
+        n.fetch_add(1, Ordering::SeqCst);
+        Busy(n)
+    }
+}
+
+impl Drop for Busy<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
 async fn handle(daemon: &Arc<Daemon>, body: Option<request::Body>) -> Response {
+    let _busy = Busy::new(&daemon.control_calls);
     let result = match body {
         Some(request::Body::Resolve(r)) => daemon
             .resolve(&r)

@@ -2,14 +2,16 @@
 //! by (namespace, id), and the two requests of the private API.
 
 use std::collections::{HashMap, HashSet};
+use std::os::fd::{AsRawFd, OwnedFd};
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::AtomicUsize;
 use std::sync::{Arc, Mutex};
 
 use kuasar_protocol::{wire, Kind};
 use tokio::task::JoinHandle;
 
-use crate::backend::Backend;
+use crate::backend::{Backend, ProcessIoHandover};
 use crate::config::Config;
 use crate::error::{io_context, Error, Result};
 use crate::events::Publisher;
@@ -17,8 +19,10 @@ use crate::ids;
 use crate::mount;
 use crate::reaper::Reaper;
 use crate::rpc;
+use crate::rpc::server::{ConnHandover, ConnScope, Registry};
 use crate::state::{Record, StateStore};
-use crate::task::{service::TaskService, Task};
+use crate::task::{service::TaskService, Task, TaskRecord};
+use crate::upgrade::SandboxHandover;
 
 /// Exit status reported for a task containerd gave up on (128 + SIGKILL).
 const KILLED: u32 = 137;
@@ -39,6 +43,9 @@ pub struct Sandbox {
     /// Containers resolved to this sandbox and not yet deleted.
     members: Mutex<HashSet<String>>,
     listener: Mutex<Option<JoinHandle<()>>>,
+    /// The listening socket, kept apart from the accept task so that the
+    /// socket outlives it across a live upgrade.
+    listen_fd: OwnedFd,
 }
 
 #[derive(serde::Serialize)]
@@ -81,6 +88,10 @@ pub struct Daemon {
     socket_dir: PathBuf,
     sandboxes: Mutex<HashMap<Key, Arc<Sandbox>>>,
     tasks: Mutex<HashMap<Key, Arc<Task>>>,
+    /// Every accepted task connection, for a live upgrade.
+    pub conns: Arc<Registry>,
+    /// Private-API requests being handled, which a live upgrade waits for.
+    pub control_calls: AtomicUsize,
 }
 
 fn key(namespace: &str, id: &str) -> Key {
@@ -128,6 +139,8 @@ impl Daemon {
             backends: backends.into_iter().map(|b| (b.kind(), b)).collect(),
             sandboxes: Mutex::new(HashMap::new()),
             tasks: Mutex::new(HashMap::new()),
+            conns: Arc::new(Registry::default()),
+            control_calls: AtomicUsize::new(0),
         }))
     }
 
@@ -319,6 +332,10 @@ impl Daemon {
         )))?;
         std::fs::set_permissions(&socket, std::fs::Permissions::from_mode(0o600))
             .map_err(io_context(format!("securing {}", socket.display())))?;
+        let listen_fd = listener
+            .into_std()
+            .map(OwnedFd::from)
+            .map_err(io_context("detaching the task socket"))?;
         let sandbox = Arc::new(Sandbox {
             namespace: namespace.into(),
             id: id.into(),
@@ -328,13 +345,152 @@ impl Daemon {
             ttrpc_address: Mutex::new(String::new()),
             members: Mutex::new(HashSet::new()),
             listener: Mutex::new(None),
+            listen_fd,
         });
-        let handler: Arc<dyn rpc::Handler> =
-            Arc::new(TaskService::new(self.clone(), sandbox.clone()));
-        *sandbox.listener.lock().unwrap() =
-            Some(tokio::spawn(rpc::server::serve_listener(listener, handler)));
+        self.start_listener(&sandbox)?;
         tracing::info!(namespace, sandbox = id, %kind, "sandbox opened");
         Ok(sandbox)
+    }
+
+    fn handler(self: &Arc<Self>, sandbox: &Arc<Sandbox>) -> Arc<dyn rpc::Handler> {
+        Arc::new(TaskService::new(self.clone(), sandbox.clone()))
+    }
+
+    /// Starts accepting on the sandbox's socket (a duplicate of its fd).
+    fn start_listener(self: &Arc<Self>, sandbox: &Arc<Sandbox>) -> Result<()> {
+        let std = sandbox
+            .listen_fd
+            .try_clone()
+            .map(std::os::unix::net::UnixListener::from)
+            .map_err(io_context("duplicating the task socket"))?;
+        std.set_nonblocking(true)
+            .map_err(io_context("configuring the task socket"))?;
+        let listener = tokio::net::UnixListener::from_std(std)
+            .map_err(io_context("watching the task socket"))?;
+        let scope = ConnScope {
+            registry: self.conns.clone(),
+            sandbox: key(&sandbox.namespace, &sandbox.id),
+        };
+        let handler = self.handler(sandbox);
+        *sandbox.listener.lock().unwrap() = Some(tokio::spawn(rpc::server::serve_listener(
+            listener, handler, scope,
+        )));
+        Ok(())
+    }
+
+    /// Stops accepting on every task socket; connections wait in the
+    /// sockets' backlogs. Returns once no accept task runs any more.
+    pub async fn stop_listeners(&self) {
+        let handles: Vec<JoinHandle<()>> = self
+            .sandboxes
+            .lock()
+            .unwrap()
+            .values()
+            .filter_map(|s| s.listener.lock().unwrap().take())
+            .collect();
+        for h in handles {
+            h.abort();
+            let _ = h.await;
+        }
+    }
+
+    /// Accepts again on every task socket (a failed upgrade).
+    pub fn restart_listeners(self: &Arc<Self>) {
+        let sandboxes: Vec<Arc<Sandbox>> =
+            self.sandboxes.lock().unwrap().values().cloned().collect();
+        for s in sandboxes {
+            if let Err(e) = self.start_listener(&s) {
+                tracing::error!(sandbox = %s.id, "task socket not served again: {e}");
+            }
+        }
+    }
+
+    /// What a successor needs of each sandbox; `fd` is the raw listening
+    /// socket, valid while `self` lives.
+    pub fn sandbox_handovers(&self) -> Vec<SandboxHandover> {
+        self.sandboxes
+            .lock()
+            .unwrap()
+            .values()
+            .map(|s| SandboxHandover {
+                namespace: s.namespace.clone(),
+                id: s.id.clone(),
+                kind: s.kind.as_str().into(),
+                socket: s.socket.clone(),
+                address: s.address.clone(),
+                ttrpc_address: s.ttrpc_address(),
+                members: s.members.lock().unwrap().iter().cloned().collect(),
+                fd: s.listen_fd.as_raw_fd(),
+            })
+            .collect()
+    }
+
+    /// Takes over a sandbox (and its listening socket) from a predecessor.
+    pub fn adopt_sandbox(self: &Arc<Self>, h: SandboxHandover, listen_fd: OwnedFd) -> Result<()> {
+        let kind = self.parse_kind(&h.kind)?;
+        let sandbox = Arc::new(Sandbox {
+            namespace: h.namespace,
+            id: h.id,
+            kind,
+            socket: h.socket,
+            address: h.address,
+            ttrpc_address: Mutex::new(h.ttrpc_address),
+            members: Mutex::new(h.members.into_iter().collect()),
+            listener: Mutex::new(None),
+            listen_fd,
+        });
+        self.start_listener(&sandbox)?;
+        self.sandboxes
+            .lock()
+            .unwrap()
+            .insert(key(&sandbox.namespace, &sandbox.id), sandbox);
+        Ok(())
+    }
+
+    /// Every task as persisted, with current statuses.
+    pub fn task_records(&self) -> Vec<TaskRecord> {
+        self.tasks
+            .lock()
+            .unwrap()
+            .values()
+            .map(|t| t.record())
+            .collect()
+    }
+
+    /// Takes over a task from a predecessor: its container is rebuilt by its
+    /// backend from the recorded pids.
+    pub async fn adopt_task(
+        self: &Arc<Self>,
+        record: TaskRecord,
+        io: Vec<ProcessIoHandover>,
+    ) -> Result<()> {
+        let kind = self.parse_kind(&record.kind)?;
+        let sandbox = self.sandbox(&record.namespace, &record.sandbox_id)?;
+        let backend = self.backend(kind)?;
+        let task = crate::task::service::restore_task(self, &sandbox, backend.as_ref(), record, io)
+            .await?;
+        self.insert_task(task)
+    }
+
+    /// The stdio plumbing of every task's processes, duplicated.
+    pub async fn io_handovers(&self) -> Vec<(Key, ProcessIoHandover)> {
+        let tasks: Vec<Arc<Task>> = self.tasks.lock().unwrap().values().cloned().collect();
+        let mut out = Vec::new();
+        for t in tasks {
+            for h in t.container.handover_io().await {
+                out.push((key(&t.namespace, &t.id), h));
+            }
+        }
+        out
+    }
+
+    /// Serves a connection handed over by a predecessor (or by this process
+    /// after a failed upgrade).
+    pub fn adopt_connection(self: &Arc<Self>, conn: ConnHandover) -> Result<()> {
+        let sandbox = self.sandbox(&conn.sandbox.0, &conn.sandbox.1)?;
+        let handler = self.handler(&sandbox);
+        rpc::server::adopt_connection(conn, handler, self.conns.clone())
+            .map_err(io_context("serving a handed-over connection"))
     }
 
     /// `shim delete`: containerd has given up on this task (a dropped

@@ -17,18 +17,42 @@ pub mod spawn;
 pub mod state;
 pub mod stdio;
 pub mod task;
+pub mod upgrade;
 
+use std::os::fd::{AsRawFd, OwnedFd};
+use std::path::PathBuf;
 use std::sync::Arc;
+
+use tokio::signal::unix::{signal, SignalKind};
+use tokio::task::JoinHandle;
 
 use crate::backend::Backend;
 use crate::config::Config;
 use crate::error::Result;
 
 /// Runs the daemon until SIGTERM or SIGINT. Containers keep running when it
-/// stops; only the daemon's own sockets go away.
+/// stops; only the daemon's own sockets go away. SIGUSR2 upgrades it in
+/// place (see `upgrade.rs`).
 pub async fn run(config: Config) -> Result<()> {
+    run_with_handover(config, None).await
+}
+
+fn serve_control(fd: &OwnedFd, daemon: Arc<daemon::Daemon>) -> Result<JoinHandle<()>> {
+    let std = fd
+        .try_clone()
+        .map(std::os::unix::net::UnixListener::from)
+        .map_err(error::io_context("duplicating the private socket"))?;
+    std.set_nonblocking(true)
+        .map_err(error::io_context("configuring the private socket"))?;
+    let listener = tokio::net::UnixListener::from_std(std)
+        .map_err(error::io_context("watching the private socket"))?;
+    Ok(tokio::spawn(control::serve(listener, daemon)))
+}
+
+/// [`run`], taking over from a predecessor when `handover` names its file.
+pub async fn run_with_handover(config: Config, handover: Option<PathBuf>) -> Result<()> {
     let reaper = reaper::Reaper::new();
-    tokio::spawn(reaper.clone().run());
+    let mut reaper_task = tokio::spawn(reaper.clone().run());
     let mut backends: Vec<Arc<dyn Backend>> = Vec::new();
     if config.runc.enabled {
         backends.push(Arc::new(backend::runc::Runc::new(
@@ -38,15 +62,43 @@ pub async fn run(config: Config) -> Result<()> {
         )));
     }
     let listen = config.listen_path();
-    let daemon = daemon::Daemon::new(config, reaper, backends)?;
-    let listener = control::bind(&listen)?;
+    let daemon = daemon::Daemon::new(config, reaper.clone(), backends)?;
+    let adopted = match &handover {
+        Some(path) => match upgrade::adopt(&daemon, path).await {
+            Ok(fd) => Some(fd),
+            Err(e) => {
+                tracing::error!("live upgrade: nothing taken over: {e}");
+                None
+            }
+        },
+        None => None,
+    };
+    let control_fd = match adopted {
+        Some(fd) => fd,
+        None => control::bind(&listen)?
+            .into_std()
+            .map(OwnedFd::from)
+            .map_err(error::io_context("detaching the private socket"))?,
+    };
     tracing::info!(listen = %listen.display(), "kuasar-sandboxer ready");
-    let control = tokio::spawn(control::serve(listener, daemon));
-    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
-        .map_err(error::io_context("watching SIGTERM"))?;
-    tokio::select! {
-        _ = term.recv() => {}
-        _ = tokio::signal::ctrl_c() => {}
+    let mut control = serve_control(&control_fd, daemon.clone())?;
+    let mut term =
+        signal(SignalKind::terminate()).map_err(error::io_context("watching SIGTERM"))?;
+    let mut usr2 =
+        signal(SignalKind::user_defined2()).map_err(error::io_context("watching SIGUSR2"))?;
+    loop {
+        tokio::select! {
+            _ = term.recv() => break,
+            _ = tokio::signal::ctrl_c() => break,
+            _ = usr2.recv() => {
+                control.abort();
+                let _ = (&mut control).await;
+                let e = upgrade::upgrade(&daemon, control_fd.as_raw_fd(), &mut reaper_task).await;
+                tracing::error!("live upgrade failed, serving on: {e}");
+                reaper_task = tokio::spawn(reaper.clone().run());
+                control = serve_control(&control_fd, daemon.clone())?;
+            }
+        }
     }
     control.abort();
     let _ = std::fs::remove_file(&listen);

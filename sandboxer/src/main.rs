@@ -21,6 +21,10 @@ struct Cli {
 }
 
 fn main() -> ExitCode {
+    // Set by a predecessor handing over (live upgrade); taken out of the
+    // environment while no other thread exists, so children do not see it.
+    let handover = std::env::var_os(kuasar_sandboxer::upgrade::HANDOVER_ENV).map(PathBuf::from);
+    std::env::remove_var(kuasar_sandboxer::upgrade::HANDOVER_ENV);
     let cli = Cli::parse();
     let explicit = cli.config.is_some();
     let path = cli.config.unwrap_or_else(|| DEFAULT_CONFIG.into());
@@ -42,10 +46,14 @@ fn main() -> ExitCode {
     tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
+        // Colours only for a person at a terminal, not in journald or files.
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
 
     // Orphaned container processes must be re-parented to the daemon so
-    // that it sees their exits. Set before any thread or child exists.
+    // that it sees their exits. Set before any thread or child exists. (It
+    // also survives the execve of a live upgrade; setting it again is
+    // harmless.)
     // SAFETY: PR_SET_CHILD_SUBREAPER takes one integer argument.
     if unsafe { libc::prctl(libc::PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) } != 0 {
         let e = std::io::Error::last_os_error();
@@ -67,7 +75,7 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    let result = runtime.block_on(kuasar_sandboxer::run(config));
+    let result = runtime.block_on(kuasar_sandboxer::run_with_handover(config, handover));
     // Threads blocked on a client's FIFO must not hold the exit up.
     runtime.shutdown_timeout(std::time::Duration::from_secs(1));
     match result {

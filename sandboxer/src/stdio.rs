@@ -225,6 +225,15 @@ pub struct Logger {
 }
 
 impl Logger {
+    /// A driver a predecessor started (live upgrade).
+    pub fn adopt(pid: i32, reaper: Arc<Reaper>) -> Logger {
+        Logger { pid, reaper }
+    }
+
+    pub fn pid(&self) -> i32 {
+        self.pid
+    }
+
     pub fn stop(self) {
         let pid = nix::unistd::Pid::from_raw(self.pid);
         let exited = self.reaper.subscribe(self.pid);
@@ -247,10 +256,52 @@ pub fn pipe() -> Result<(OwnedFd, OwnedFd)> {
 }
 
 /// Copy tasks of one process; aborted when dropped.
+/// A duplicate of a descriptor a copy task uses, kept for a live upgrade to
+/// hand over. Emptied when the copy ends (or is aborted), so that no extra
+/// descriptor keeps a pipe or FIFO open past it (the reader must see EOF).
+type FdSlot = Arc<std::sync::Mutex<Option<OwnedFd>>>;
+
+fn slot(fd: Option<&OwnedFd>) -> Result<FdSlot> {
+    Ok(Arc::new(std::sync::Mutex::new(fd.map(dup).transpose()?)))
+}
+
+/// Empties its slots when dropped, with the copy future that owns it.
+struct SlotGuard(Vec<FdSlot>);
+
+impl Drop for SlotGuard {
+    fn drop(&mut self) {
+        for s in &self.0 {
+            s.lock().unwrap().take();
+        }
+    }
+}
+
+fn dup_slot(s: &FdSlot) -> Option<OwnedFd> {
+    s.lock()
+        .unwrap()
+        .as_ref()
+        .and_then(|fd| fd.try_clone().ok())
+}
+
+/// Duplicates of what a process's copies use, for a live upgrade.
+#[derive(Default, Debug)]
+pub struct IoFds {
+    /// The stdin FIFO, once opened for reading.
+    pub stdin_from: Option<OwnedFd>,
+    /// Where stdin goes (a pipe, or the terminal); `None` once stdin ended.
+    pub stdin_to: Option<OwnedFd>,
+    /// Where the terminal's output goes; `None` without a terminal copy.
+    pub output_to: Option<OwnedFd>,
+}
+
 #[derive(Default)]
 pub struct IoTasks {
-    stdin: Option<(JoinHandle<()>, FifoHandle)>,
+    stdin: Option<(JoinHandle<()>, Option<FifoHandle>)>,
+    /// (from, to) of the stdin copy.
+    stdin_fds: Option<(FdSlot, FdSlot)>,
     outputs: Vec<JoinHandle<()>>,
+    /// `to` of each output copy.
+    output_fds: Vec<FdSlot>,
     pub logger: Option<Logger>,
 }
 
@@ -258,9 +309,13 @@ impl IoTasks {
     /// Copies the stdin FIFO at `path` into `to` until the client closes it.
     pub fn copy_stdin(&mut self, path: &str, to: OwnedFd) -> Result<()> {
         let fifo = FifoHandle::open(Path::new(path))?;
+        let (from_slot, to_slot) = (slot(None)?, slot(Some(&to))?);
         let task = tokio::spawn({
             let reopen = fifo.proc_path();
+            let guard = SlotGuard(vec![from_slot.clone(), to_slot.clone()]);
             async move {
+                // Moved in whole: dropping the future drops it.
+                let guard = guard;
                 // Opening for reading waits for the client's writer.
                 let opened = tokio::task::spawn_blocking(move || {
                     OpenOptions::new()
@@ -270,31 +325,65 @@ impl IoTasks {
                 })
                 .await;
                 let Ok(Ok(from)) = opened else { return };
-                let (Ok(mut from), Ok(mut to)) = (FdStream::new(from.into()), writer(to)) else {
+                let from = OwnedFd::from(from);
+                *guard.0[0].lock().unwrap() = from.try_clone().ok();
+                let (Ok(mut from), Ok(mut to)) = (FdStream::new(from), writer(to)) else {
                     return;
                 };
                 let _ = tokio::io::copy(&mut from, &mut to).await;
             }
         });
-        self.stdin = Some((task, fifo));
+        self.stdin = Some((task, Some(fifo)));
+        self.stdin_fds = Some((from_slot, to_slot));
+        Ok(())
+    }
+
+    /// Copies an already opened stdin into `to` (taken over in a live
+    /// upgrade).
+    pub fn adopt_stdin(&mut self, from: OwnedFd, to: OwnedFd) -> Result<()> {
+        let (from_slot, to_slot) = (slot(Some(&from))?, slot(Some(&to))?);
+        let guard = SlotGuard(vec![from_slot.clone(), to_slot.clone()]);
+        let mut from = FdStream::new(from).map_err(io_context("watching stdin"))?;
+        let mut to = writer(to).map_err(io_context("watching the process's stdin"))?;
+        let task = tokio::spawn(async move {
+            let _guard = guard;
+            let _ = tokio::io::copy(&mut from, &mut to).await;
+        });
+        self.stdin = Some((task, None));
+        self.stdin_fds = Some((from_slot, to_slot));
         Ok(())
     }
 
     /// Copies `from` (a terminal) into `to` until the terminal closes.
     pub fn copy_output(&mut self, from: OwnedFd, to: OwnedFd) -> Result<()> {
+        let to_slot = slot(Some(&to))?;
+        let guard = SlotGuard(vec![to_slot.clone()]);
         let mut from = FdStream::new(from).map_err(io_context("watching the terminal"))?;
         let mut to = writer(to).map_err(io_context("watching the output"))?;
         self.outputs.push(tokio::spawn(async move {
+            let _guard = guard;
             let _ = tokio::io::copy(&mut from, &mut to).await;
         }));
+        self.output_fds.push(to_slot);
         Ok(())
+    }
+
+    /// Duplicates of the descriptors of the copies still running.
+    pub fn handover(&self) -> IoFds {
+        IoFds {
+            stdin_from: self.stdin_fds.as_ref().and_then(|(f, _)| dup_slot(f)),
+            stdin_to: self.stdin_fds.as_ref().and_then(|(_, t)| dup_slot(t)),
+            output_to: self.output_fds.iter().find_map(dup_slot),
+        }
     }
 
     /// Ends stdin (CloseIO): the process reads EOF once what was written has
     /// been passed on.
     pub async fn close_stdin(&mut self) {
         if let Some((task, fifo)) = self.stdin.take() {
-            fifo.release_opener();
+            if let Some(fifo) = fifo {
+                fifo.release_opener();
+            }
             let abort = task.abort_handle();
             if tokio::time::timeout(Duration::from_millis(200), task)
                 .await
@@ -322,7 +411,9 @@ impl IoTasks {
 impl Drop for IoTasks {
     fn drop(&mut self) {
         if let Some((task, fifo)) = self.stdin.take() {
-            fifo.release_opener();
+            if let Some(fifo) = fifo {
+                fifo.release_opener();
+            }
             task.abort();
         }
         for t in self.outputs.drain(..) {

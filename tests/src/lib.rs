@@ -87,7 +87,7 @@ pub fn kuasar_bin_dir() -> PathBuf {
 }
 
 /// The busybox image archive: `KUASAR_BUSYBOX_IMAGE`, else built once by
-/// hack/build-busybox-image.py into target/kuasar-images.
+/// hack/build-busybox-image.sh into target/kuasar-images.
 pub fn busybox_image() -> PathBuf {
     static IMAGE_TAR: OnceLock<PathBuf> = OnceLock::new();
     IMAGE_TAR
@@ -97,16 +97,8 @@ pub fn busybox_image() -> PathBuf {
             }
             let out = workspace().join("target/kuasar-images/busybox.tar");
             if !out.exists() {
-                let sh = workspace().join("hack/build-busybox-image.sh");
-                let mut cmd = if sh.exists() {
-                    let mut c = Command::new("bash");
-                    c.arg(sh);
-                    c
-                } else {
-                    let mut c = Command::new("python3");
-                    c.arg(workspace().join("hack/build-busybox-image.py"));
-                    c
-                };
+                let mut cmd = Command::new("bash");
+                cmd.arg(workspace().join("hack/build-busybox-image.sh"));
                 // Built under a private name, then renamed: another test
                 // binary may be building it at the same moment.
                 let tmp = out.with_extension(format!("tar.{}", std::process::id()));
@@ -247,6 +239,49 @@ impl Env {
 
     pub fn sandboxer_pid(&self) -> Option<u32> {
         self.sandboxer.as_ref().map(|c| c.id())
+    }
+
+    /// Live-upgrades the sandboxer (SIGUSR2: it re-executes itself) and
+    /// waits until the new image has taken over and answers on its private
+    /// socket. Panics if its process ended.
+    pub fn upgrade_sandboxer(&mut self) {
+        let pid = self.sandboxer_pid().expect("sandboxer not running");
+        let log = self.dir.join("sandboxer.log");
+        let took_over = || {
+            std::fs::read_to_string(&log)
+                .unwrap_or_default()
+                .matches("live upgrade: took over")
+                .count()
+        };
+        let before = took_over();
+        // SAFETY: plain kill(2) on our own child.
+        assert_eq!(unsafe { libc::kill(pid as i32, libc::SIGUSR2) }, 0);
+        wait_for("the upgraded sandboxer", Duration::from_secs(20), || {
+            assert!(self.sandboxer_alive(), "sandboxer died in the upgrade");
+            took_over() > before
+        });
+        // Serving: a resolve of an unknown kind is answered (with an error).
+        let sock = self.private_socket();
+        wait_for(
+            "the upgraded sandboxer's answer",
+            Duration::from_secs(10),
+            || {
+                let Ok(mut c) = kuasar_protocol::Client::connect(&sock, Duration::from_secs(2))
+                else {
+                    return false;
+                };
+                matches!(
+                    c.resolve(kuasar_protocol::wire::ResolveRequest {
+                        kind: "no-such-kind".into(),
+                        namespace: "default".into(),
+                        id: "probe".into(),
+                        ..Default::default()
+                    }),
+                    Err(kuasar_protocol::Error::Remote { .. })
+                )
+            },
+        );
+        assert_eq!(self.sandboxer_pid(), Some(pid));
     }
 
     pub fn start_containerd(&mut self) {

@@ -34,25 +34,8 @@ both_versions!(
     hostile_input_on_private_socket_is_refused_and_daemon_keeps_serving,
     task_events_reach_containerd_in_order,
     containers_of_one_pod_share_one_task_socket,
+    sandboxer_upgrade_keeps_tasks_connections_and_waits,
 );
-
-// Not yet expected to pass: the sandboxer does not re-adopt its tasks after
-// a restart (DESIGN.md section 3, "Never drop a connection while tasks
-// live"). Run with `cargo test -- --ignored`.
-mod v1_6_pending {
-    #[test]
-    #[ignore = "sandboxer restart does not re-adopt running tasks yet"]
-    fn sandboxer_restart_keeps_running_tasks() {
-        super::sandboxer_restart_keeps_running_tasks(kuasar_e2e::Version::V1_6)
-    }
-}
-mod v2_1_pending {
-    #[test]
-    #[ignore = "sandboxer restart does not re-adopt running tasks yet"]
-    fn sandboxer_restart_keeps_running_tasks() {
-        super::sandboxer_restart_keeps_running_tasks(kuasar_e2e::Version::V2_1)
-    }
-}
 
 fn output_is_captured_and_no_shim_stays(v: Version) {
     let rt = runtime_under_test();
@@ -736,36 +719,186 @@ fn task_events_reach_containerd_in_order(v: Version) {
     env.assert_clean();
 }
 
-/// The sandboxer restarts (SIGTERM, start again) under running containers:
-/// containerd must keep seeing them RUNNING and be able to exec, kill and
-/// delete them.
-fn sandboxer_restart_keeps_running_tasks(v: Version) {
+/// A running command with a piped stdin whose output is collected as it
+/// comes.
+struct Interactive {
+    child: std::process::Child,
+    stdin: Option<std::process::ChildStdin>,
+    out: std::sync::mpsc::Receiver<Vec<u8>>,
+    seen: String,
+}
+
+impl Interactive {
+    fn spawn(cmd: &mut Command) -> Interactive {
+        let mut child = cmd
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap();
+        let stdin = child.stdin.take();
+        let mut stdout = child.stdout.take().unwrap();
+        let (tx, out) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let mut buf = [0u8; 4096];
+            while let Ok(n) = stdout.read(&mut buf) {
+                if n == 0 || tx.send(buf[..n].to_vec()).is_err() {
+                    break;
+                }
+            }
+        });
+        Interactive {
+            child,
+            stdin,
+            out,
+            seen: String::new(),
+        }
+    }
+
+    fn send(&mut self, text: &str) {
+        let stdin = self.stdin.as_mut().unwrap();
+        stdin.write_all(text.as_bytes()).unwrap();
+        stdin.flush().unwrap();
+    }
+
+    fn expect(&mut self, needle: &str, env: &Env) {
+        let deadline = std::time::Instant::now() + Duration::from_secs(30);
+        while !self.seen.contains(needle) {
+            let left = deadline.saturating_duration_since(std::time::Instant::now());
+            match self.out.recv_timeout(left) {
+                Ok(b) => self.seen.push_str(&String::from_utf8_lossy(&b)),
+                Err(_) => panic!("no {needle:?} in {:?}\n{}", self.seen, env.log_tails()),
+            }
+        }
+    }
+
+    fn finish(mut self) -> std::process::ExitStatus {
+        drop(self.stdin.take());
+        let deadline = std::time::Instant::now() + Duration::from_secs(30);
+        loop {
+            if let Some(st) = self.child.try_wait().unwrap() {
+                return st;
+            }
+            if std::time::Instant::now() > deadline {
+                let _ = self.child.kill();
+                panic!("interactive command did not end: {:?}", self.seen);
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+/// The sandboxer upgrades itself in place (SIGUSR2, twice) under running
+/// containers, a running exec and a `ctr run` blocked in Wait: containerd
+/// keeps its connections and sees nothing (DESIGN.md section 3, "Never drop
+/// a connection while tasks live").
+fn sandboxer_upgrade_keeps_tasks_connections_and_waits(v: Version) {
     let rt = runtime_under_test();
     let mut env = Env::start(v);
     if !is_kuasar(&rt) {
         eprintln!("skipped: {rt} does not use the kuasar sandboxer");
         return;
     }
-    env.run_detached(&rt, "s1", &["sleep", "600"]);
-    env.stop_sandboxer();
-    env.start_sandboxer();
-    std::thread::sleep(Duration::from_millis(500));
-    assert_eq!(
-        env.task_status("s1").as_deref(),
-        Some("RUNNING"),
-        "{}",
-        env.log_tails()
+    let pid = env.sandboxer_pid();
+    env.run_detached(&rt, "u1", &["sleep", "600"]);
+    env.run_detached(
+        &rt,
+        "u2",
+        &[
+            "sh",
+            "-c",
+            "trap 'exit 0' TERM; while true; do sleep 0.1; done",
+        ],
     );
-    let o = env.ctr(&["task", "exec", "--exec-id", "after", "s1", "echo", "alive"]);
+    // Exits around the upgrade: reaped by one image or the other.
+    env.run_detached(&rt, "u4", &["sh", "-c", "sleep 0.2; exit 3"]);
+    env.ctr_ok(&[
+        "task",
+        "exec",
+        "--detach",
+        "--exec-id",
+        "long",
+        "u1",
+        "sleep",
+        "600",
+    ]);
+    // A Wait in flight across the upgrade.
+    let waiter = foreground(&env, &rt, "u3");
+    // Stdin copied into an exec, and a terminal exec, across the upgrade.
+    let mut cat = Interactive::spawn(env.ctr_command().args([
+        "task",
+        "exec",
+        "--exec-id",
+        "cat",
+        "u2",
+        "cat",
+    ]));
+    cat.send("one\n");
+    cat.expect("one", &env);
+    let ctr = format!(
+        "{} --address {} task exec -t --exec-id tty u2 sh -c 'echo ready; read x; echo got-$x'",
+        env.version.bin_dir().join("ctr").display(),
+        env.grpc_socket().display()
+    );
+    let mut tty = Interactive::spawn(Command::new("script").args(["-qec", &ctr, "/dev/null"]));
+    tty.expect("ready", &env);
+    env.upgrade_sandboxer();
+    assert_eq!(env.sandboxer_pid(), pid);
+    for id in ["u1", "u2", "u3"] {
+        assert_eq!(
+            env.task_status(id).as_deref(),
+            Some("RUNNING"),
+            "{id}\n{}",
+            env.log_tails()
+        );
+    }
+    env.wait_status("u4", "STOPPED");
+    let o = env.ctr(&["task", "exec", "--exec-id", "after", "u2", "echo", "alive"]);
     assert!(
         o.ok() && o.stdout.trim() == "alive",
         "{o}\n{}",
         env.log_tails()
     );
-    env.ctr_ok(&["task", "kill", "-s", "KILL", "s1"]);
-    env.wait_status("s1", "STOPPED");
-    env.ctr_ok(&["task", "delete", "s1"]);
-    env.ctr_ok(&["container", "rm", "s1"]);
+    cat.send("two\n");
+    cat.expect("two", &env);
+    tty.send("hello\n");
+    tty.expect("got-hello", &env);
+    assert!(tty.finish().success());
+    let ps = env.ctr_ok(&["task", "ps", "u1"]);
+    assert_eq!(ps.lines().count(), 3, "init and the exec: {ps}");
+    // Again, now handing over what was taken over.
+    env.upgrade_sandboxer();
+    assert_eq!(env.sandboxer_pid(), pid);
+    cat.send("three\n");
+    cat.expect("three", &env);
+    // Its stdin's EOF still reaches it (no descriptor kept open).
+    assert!(cat.finish().success());
+    for id in ["u1", "u2", "u3"] {
+        assert_eq!(env.task_status(id).as_deref(), Some("RUNNING"), "{id}");
+    }
+    // containerd logs "shim disconnected" whenever a task connection closes,
+    // normally after each delete: none may have closed before.
+    let log = std::fs::read_to_string(env.dir.join("containerd.log")).unwrap_or_default();
+    assert!(
+        !log.contains("shim disconnected"),
+        "containerd lost a task connection\n{}",
+        env.log_tails()
+    );
+    env.ctr_ok(&["task", "kill", "-s", "KILL", "u3"]);
+    let o = waiter.join().unwrap();
+    assert_eq!(o.status, Some(137), "{o}\n{}", env.log_tails());
+    env.ctr_ok(&["task", "delete", "u4"]);
+    env.ctr_ok(&["container", "rm", "u4"]);
+    env.ctr_ok(&["task", "kill", "u2"]);
+    env.wait_status("u2", "STOPPED");
+    env.ctr_ok(&["task", "delete", "u2"]);
+    env.ctr_ok(&["container", "rm", "u2"]);
+    env.ctr_ok(&["task", "kill", "-s", "KILL", "u1"]);
+    env.wait_status("u1", "STOPPED");
+    env.ctr_ok(&["task", "delete", "u1"]);
+    env.ctr_ok(&["container", "rm", "u1"]);
+    let o = env.run_rm(&rt, "u5", &["echo", "fresh"]);
+    assert!(o.ok() && o.stdout.trim() == "fresh", "{o}");
     env.assert_clean();
 }
 

@@ -4,6 +4,7 @@
 
 pub mod runc;
 
+use std::os::fd::OwnedFd;
 use std::path::PathBuf;
 
 use async_trait::async_trait;
@@ -13,7 +14,7 @@ use protobuf::well_known_types::any::Any;
 use tokio::sync::mpsc;
 
 use crate::error::Result;
-use crate::stdio::StdioPaths;
+use crate::stdio::{IoFds, StdioPaths};
 
 /// What a container reports to the task layer.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -38,6 +39,36 @@ pub struct CreateRequest {
     pub events: EventSink,
 }
 
+/// A container a predecessor daemon ran (live upgrade): what is known of
+/// it, and which of its processes still live.
+pub struct RestoreRequest {
+    pub namespace: String,
+    pub id: String,
+    pub bundle: PathBuf,
+    pub pid: u32,
+    /// The init process has not exited yet.
+    pub init_live: bool,
+    /// Started exec processes: exec id, pid, not exited yet.
+    pub execs: Vec<(String, u32, bool)>,
+    /// The stdio plumbing of its processes, as handed over.
+    pub io: Vec<ProcessIoHandover>,
+    pub events: EventSink,
+}
+
+/// What a live upgrade hands over of one process's stdio plumbing.
+#[derive(Debug, Default)]
+pub struct ProcessIoHandover {
+    /// `None` for the init process.
+    pub exec_id: Option<String>,
+    /// The terminal master.
+    pub master: Option<OwnedFd>,
+    pub fds: IoFds,
+    /// A `binary://` log driver.
+    pub logger_pid: Option<i32>,
+    /// The stdin FIFO, reopened if the copy had not opened it yet.
+    pub stdin_path: String,
+}
+
 #[async_trait]
 pub trait Backend: Send + Sync {
     fn kind(&self) -> Kind;
@@ -48,6 +79,16 @@ pub trait Backend: Send + Sync {
     /// Removes whatever is left of a container the daemon no longer tracks
     /// (containerd's `shim delete` after a lost connection or a restart).
     async fn cleanup(&self, namespace: &str, id: &str) -> Result<()>;
+
+    /// Takes over a container from a predecessor daemon, reporting the
+    /// exits of its live processes from now on.
+    async fn restore(&self, req: RestoreRequest) -> Result<Box<dyn Container>> {
+        Err(crate::error::Error::Unimplemented(format!(
+            "the {} backend cannot take over container {}",
+            self.kind(),
+            req.id
+        )))
+    }
 }
 
 /// One container of a backend. `exec_id` `None` means the init process.
@@ -84,4 +125,9 @@ pub trait Container: Send + Sync {
 
     /// Removes the container; `force` kills what still runs.
     async fn delete(&self, force: bool) -> Result<()>;
+
+    /// Duplicates of its processes' stdio plumbing, for a live upgrade.
+    async fn handover_io(&self) -> Vec<ProcessIoHandover> {
+        Vec::new()
+    }
 }

@@ -1,17 +1,21 @@
 //! The ttrpc server. Each accepted connection is served until the peer
 //! closes it: the daemon never closes containerd's connections itself, since
-//! containerd takes a closed connection for a dead shim.
+//! containerd takes a closed connection for a dead shim. On a live upgrade a
+//! connection stops between two reads and is handed over to the new process.
 
-use std::sync::Arc;
+use std::collections::HashMap;
+use std::os::fd::OwnedFd;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use async_trait::async_trait;
 use protobuf::Message;
+use tokio::io::AsyncReadExt;
 use tokio::net::{UnixListener, UnixStream};
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, watch};
 use ttrpc::proto::{Request, Response};
 
-use super::frame::{self, TYPE_REQUEST, TYPE_RESPONSE};
+use super::frame::{self, FrameBuf, TYPE_REQUEST, TYPE_RESPONSE};
 use crate::error::Error;
 
 /// What a handler learns about the call besides its payload.
@@ -36,12 +40,125 @@ pub trait Handler: Send + Sync + 'static {
     ) -> Result<Vec<u8>, Error>;
 }
 
+/// A connection as it stands when the daemon hands over to its successor:
+/// the socket, the bytes read but not yet parsed, and the requests still
+/// unanswered (raw ttrpc payloads by stream id) to be dispatched again.
+#[derive(Debug)]
+pub struct ConnHandover {
+    pub fd: OwnedFd,
+    /// The sandbox whose socket accepted the connection.
+    pub sandbox: (String, String),
+    pub frames: FrameBuf,
+    pub pending: Vec<(u32, Vec<u8>)>,
+}
+
+/// The live connections of every sandbox socket, so that they can be
+/// quiesced and handed over (see `upgrade.rs`).
+pub struct Registry {
+    stop: watch::Sender<bool>,
+    conns: Mutex<Slots>,
+}
+
+#[derive(Default)]
+struct Slots {
+    next: u64,
+    /// `None` while serving, `Some` once handed over.
+    slots: HashMap<u64, Option<ConnHandover>>,
+}
+
+impl Default for Registry {
+    fn default() -> Registry {
+        Registry {
+            stop: watch::channel(false).0,
+            conns: Mutex::default(),
+        }
+    }
+}
+
+impl Registry {
+    fn register(&self) -> u64 {
+        let mut c = self.conns.lock().unwrap();
+        c.next += 1;
+        let id = c.next;
+        c.slots.insert(id, None);
+        id
+    }
+
+    fn forget(&self, id: u64) {
+        self.conns.lock().unwrap().slots.remove(&id);
+    }
+
+    fn report(&self, id: u64, state: ConnHandover) {
+        self.conns.lock().unwrap().slots.insert(id, Some(state));
+    }
+
+    /// Asks every connection to stop reading and hand over.
+    pub fn quiesce(&self) {
+        self.stop.send_replace(true);
+    }
+
+    /// Lets connections served from now on run normally again.
+    pub fn resume(&self) {
+        self.stop.send_replace(false);
+    }
+
+    /// Waits (up to `limit`) until every live connection has handed over,
+    /// and takes what they reported. One that did not make it in time is
+    /// left behind (logged): containerd will see it drop.
+    pub async fn collect(&self, limit: Duration) -> Vec<ConnHandover> {
+        let deadline = tokio::time::Instant::now() + limit;
+        loop {
+            let done = self
+                .conns
+                .lock()
+                .unwrap()
+                .slots
+                .values()
+                .all(|s| s.is_some());
+            if done || tokio::time::Instant::now() >= deadline {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        let mut c = self.conns.lock().unwrap();
+        let mut out = Vec::new();
+        let mut stuck = 0;
+        for (_, slot) in c.slots.drain() {
+            match slot {
+                Some(s) => out.push(s),
+                None => stuck += 1,
+            }
+        }
+        if stuck > 0 {
+            tracing::warn!("{stuck} task connection(s) did not quiesce in time");
+        }
+        out
+    }
+}
+
+/// Which sandbox a connection serves and where it reports on quiesce.
+#[derive(Clone)]
+pub struct ConnScope {
+    pub registry: Arc<Registry>,
+    pub sandbox: (String, String),
+}
+
 /// Accepts connections on `listener` until the listener task is aborted.
-pub async fn serve_listener(listener: UnixListener, handler: Arc<dyn Handler>) {
+pub async fn serve_listener(listener: UnixListener, handler: Arc<dyn Handler>, scope: ConnScope) {
     loop {
         match listener.accept().await {
             Ok((stream, _)) => {
-                tokio::spawn(serve_connection(stream, handler.clone()));
+                // Registered before the task runs, so a quiesce that starts
+                // now waits for this connection too.
+                let id = scope.registry.register();
+                tokio::spawn(serve_connection(
+                    stream,
+                    handler.clone(),
+                    scope.clone(),
+                    id,
+                    FrameBuf::default(),
+                    Vec::new(),
+                ));
             }
             Err(e) => {
                 // EMFILE and friends: back off instead of spinning.
@@ -52,57 +169,160 @@ pub async fn serve_listener(listener: UnixListener, handler: Arc<dyn Handler>) {
     }
 }
 
-/// Serves one connection until its peer closes it. Requests run
-/// concurrently (a `Wait` must not block the `Start` behind it); responses
-/// are written by one writer task in the order they finish.
-pub async fn serve_connection(stream: UnixStream, handler: Arc<dyn Handler>) {
-    let (mut reader, mut writer) = stream.into_split();
+/// Serves a connection handed over by a predecessor (or by this process
+/// after a failed upgrade): its buffered bytes first, its unanswered
+/// requests dispatched again under their own stream ids.
+pub fn adopt_connection(
+    state: ConnHandover,
+    handler: Arc<dyn Handler>,
+    registry: Arc<Registry>,
+) -> std::io::Result<()> {
+    let std = std::os::unix::net::UnixStream::from(state.fd);
+    std.set_nonblocking(true)?;
+    let stream = UnixStream::from_std(std)?;
+    let scope = ConnScope {
+        registry,
+        sandbox: state.sandbox,
+    };
+    let id = scope.registry.register();
+    tokio::spawn(serve_connection(
+        stream,
+        handler,
+        scope,
+        id,
+        state.frames,
+        state.pending,
+    ));
+    Ok(())
+}
+
+fn is_wait(payload: &[u8]) -> bool {
+    Request::parse_from_bytes(payload)
+        .map(|r| r.method == "Wait")
+        .unwrap_or(false)
+}
+
+/// How long a quiescing connection waits for its calls other than Wait.
+const QUIESCE_CALLS: Duration = Duration::from_secs(5);
+
+/// Serves one connection until its peer closes it, or until the registry
+/// asks it to hand over. Requests run concurrently (a `Wait` must not block
+/// the `Start` behind it); responses are written in the order they finish.
+async fn serve_connection(
+    mut stream: UnixStream,
+    handler: Arc<dyn Handler>,
+    scope: ConnScope,
+    id: u64,
+    mut frames: FrameBuf,
+    resumed: Vec<(u32, Vec<u8>)>,
+) {
     let (tx, mut rx) = mpsc::unbounded_channel::<(u32, Vec<u8>)>();
-    let writer_task = tokio::spawn(async move {
-        while let Some((stream_id, payload)) = rx.recv().await {
-            if let Err(e) =
-                frame::write_frame(&mut writer, stream_id, TYPE_RESPONSE, &payload).await
-            {
-                tracing::debug!("task connection write: {e}");
-                break;
-            }
-        }
-    });
-    loop {
-        let frame = match frame::read_frame(&mut reader).await {
-            Ok(f) => f,
-            Err(e) => {
-                if e.kind() != std::io::ErrorKind::UnexpectedEof {
-                    tracing::debug!("task connection read: {e}");
-                }
-                break;
-            }
-        };
-        let stream_id = frame.header.stream_id;
-        if frame.header.kind != TYPE_REQUEST {
-            // Streams and data frames are not part of the Task API.
-            continue;
-        }
-        let Some(payload) = frame.payload else {
-            let err = Error::ResourceExhausted(format!(
-                "message length {} exceeds maximum message size of {}",
-                frame.header.length,
-                frame::MAX_MESSAGE
-            ));
-            let _ = tx.send((stream_id, error_response(&err)));
-            continue;
-        };
+    // Requests not yet answered: raw payload, and whether it is a Wait.
+    let mut pending: HashMap<u32, (Vec<u8>, bool)> = HashMap::new();
+    let mut stop = scope.registry.stop.subscribe();
+    let spawn_call = |stream_id: u32, payload: Vec<u8>| {
         let handler = handler.clone();
         let tx = tx.clone();
         tokio::spawn(async move {
             let resp = dispatch(handler.as_ref(), &payload).await;
             let _ = tx.send((stream_id, resp));
         });
+    };
+    for (stream_id, payload) in resumed {
+        spawn_call(stream_id, payload.clone());
+        let wait = is_wait(&payload);
+        pending.insert(stream_id, (payload, wait));
     }
-    // The peer is gone. Calls in flight still run to their end (a Create cut
-    // off half-way would leave a container nobody tracks); their answers are
-    // dropped with the writer.
-    writer_task.abort();
+    loop {
+        if *stop.borrow_and_update() {
+            break;
+        }
+        while let Some(frame) = frames.next_frame() {
+            let stream_id = frame.header.stream_id;
+            if frame.header.kind != TYPE_REQUEST {
+                // Streams and data frames are not part of the Task API.
+                continue;
+            }
+            let Some(payload) = frame.payload else {
+                let err = Error::ResourceExhausted(format!(
+                    "message length {} exceeds maximum message size of {}",
+                    frame.header.length,
+                    frame::MAX_MESSAGE
+                ));
+                let _ = tx.send((stream_id, error_response(&err)));
+                continue;
+            };
+            spawn_call(stream_id, payload.clone());
+            let wait = is_wait(&payload);
+            pending.insert(stream_id, (payload, wait));
+        }
+        tokio::select! {
+            read = stream.read_buf(&mut frames.buf) => match read {
+                Ok(0) => break,
+                Ok(_) => {}
+                Err(e) => {
+                    tracing::debug!("task connection read: {e}");
+                    break;
+                }
+            },
+            Some((stream_id, resp)) = rx.recv() => {
+                if let Err(e) = frame::write_frame(&mut stream, stream_id, TYPE_RESPONSE, &resp).await {
+                    tracing::debug!("task connection write: {e}");
+                    break;
+                }
+                pending.remove(&stream_id);
+            }
+            _ = stop.changed() => {}
+        }
+    }
+    if !*stop.borrow() {
+        // The peer is gone. Calls in flight still run to their end (a Create
+        // cut off half-way would leave a container nobody tracks); their
+        // answers are dropped.
+        scope.registry.forget(id);
+        return;
+    }
+    // Quiescing: let calls other than Wait finish and answer (a Wait may
+    // block for days; the successor asks again), then hand over.
+    let deadline = tokio::time::Instant::now() + QUIESCE_CALLS;
+    loop {
+        let busy = pending.values().any(|(_, wait)| !wait);
+        let next = if busy {
+            match tokio::time::timeout_at(deadline, rx.recv()).await {
+                Ok(n) => n,
+                Err(_) => break,
+            }
+        } else {
+            match rx.try_recv() {
+                Ok(n) => Some(n),
+                Err(_) => break,
+            }
+        };
+        let Some((stream_id, resp)) = next else { break };
+        if let Err(e) = frame::write_frame(&mut stream, stream_id, TYPE_RESPONSE, &resp).await {
+            tracing::debug!("task connection write: {e}");
+            scope.registry.forget(id);
+            return;
+        }
+        pending.remove(&stream_id);
+    }
+    let fd = match stream.into_std() {
+        Ok(s) => OwnedFd::from(s),
+        Err(e) => {
+            tracing::warn!("task connection cannot be handed over: {e}");
+            scope.registry.forget(id);
+            return;
+        }
+    };
+    scope.registry.report(
+        id,
+        ConnHandover {
+            fd,
+            sandbox: scope.sandbox,
+            frames,
+            pending: pending.into_iter().map(|(k, (p, _))| (k, p)).collect(),
+        },
+    );
 }
 
 async fn dispatch(handler: &dyn Handler, payload: &[u8]) -> Vec<u8> {

@@ -121,6 +121,38 @@ impl Process {
         }
     }
 
+    /// A process as a predecessor recorded it (live upgrade).
+    #[allow(clippy::too_many_arguments)]
+    pub fn restore(
+        container_id: &str,
+        exec_id: &str,
+        stdio: StdioPaths,
+        spec: Vec<u8>,
+        pid: u32,
+        status: &str,
+        exit: Option<(u32, i64)>,
+        started: bool,
+    ) -> Process {
+        let p = Process::new(container_id, exec_id, stdio, spec, pid);
+        let exit = exit.map(|(status, at)| ExitInfo {
+            status,
+            at: from_nanos(at),
+        });
+        {
+            let mut st = p.state.lock().unwrap();
+            st.status = if exit.is_some() {
+                Status::STOPPED
+            } else {
+                parse_status(status)
+            };
+            st.exit = exit;
+            st.start_published = started;
+            st.exit_held = exit.is_some() && !started;
+        }
+        p.exited.send_replace(exit);
+        p
+    }
+
     pub fn view(&self) -> ProcessView {
         let st = self.state.lock().unwrap();
         ProcessView {
@@ -252,6 +284,42 @@ pub struct TaskRecord {
     pub exited_at_nanos: Option<i64>,
     pub stdio: StdioPaths,
     pub rootfs_mounted: bool,
+    /// The start event went out (a live upgrade must not send it again).
+    #[serde(default)]
+    pub started: bool,
+    /// Exec processes not yet deleted.
+    #[serde(default)]
+    pub execs: Vec<ExecRecord>,
+}
+
+/// What is persisted of an exec process.
+#[derive(serde::Serialize, serde::Deserialize, Debug, Clone, PartialEq, Eq)]
+pub struct ExecRecord {
+    pub exec_id: String,
+    pub pid: u32,
+    pub status: String,
+    pub exit_status: Option<u32>,
+    pub exited_at_nanos: Option<i64>,
+    pub stdio: StdioPaths,
+    /// The OCI process spec (JSON text).
+    pub spec: String,
+    pub started: bool,
+}
+
+/// The status names `format!("{:?}")` writes, read back.
+pub fn parse_status(s: &str) -> Status {
+    match s {
+        "CREATED" => Status::CREATED,
+        "RUNNING" => Status::RUNNING,
+        "STOPPED" => Status::STOPPED,
+        "PAUSED" => Status::PAUSED,
+        "PAUSING" => Status::PAUSING,
+        _ => Status::UNKNOWN,
+    }
+}
+
+fn from_nanos(n: i64) -> SystemTime {
+    UNIX_EPOCH + std::time::Duration::from_nanos(u64::try_from(n).unwrap_or(0))
 }
 
 impl Task {
@@ -269,6 +337,26 @@ impl Task {
             exited_at_nanos: v.exit.map(|e| nanos(e.at)),
             stdio: self.init.stdio.clone(),
             rootfs_mounted: self.rootfs_mounted,
+            started: self.init.state.lock().unwrap().start_published,
+            execs: self
+                .execs
+                .lock()
+                .unwrap()
+                .values()
+                .map(|p| {
+                    let st = p.state.lock().unwrap();
+                    ExecRecord {
+                        exec_id: p.exec_id.clone(),
+                        pid: st.pid,
+                        status: format!("{:?}", st.status),
+                        exit_status: st.exit.map(|e| e.status),
+                        exited_at_nanos: st.exit.map(|e| nanos(e.at)),
+                        stdio: p.stdio.clone(),
+                        spec: String::from_utf8_lossy(&p.spec).into_owned(),
+                        started: st.start_published,
+                    }
+                })
+                .collect(),
         }
     }
 

@@ -11,10 +11,10 @@ use containerd_shim_protos::events::task::{
 use protobuf::Message;
 
 use super::{
-    timestamp, EventTarget, Process, Task, TOPIC_CREATE, TOPIC_DELETE, TOPIC_EXEC_ADDED, TOPIC_OOM,
-    TOPIC_PAUSED, TOPIC_RESUMED,
+    timestamp, EventTarget, Process, Task, TaskRecord, TOPIC_CREATE, TOPIC_DELETE,
+    TOPIC_EXEC_ADDED, TOPIC_OOM, TOPIC_PAUSED, TOPIC_RESUMED,
 };
-use crate::backend::{ContainerEvent, CreateRequest};
+use crate::backend::{Backend, ContainerEvent, CreateRequest, ProcessIoHandover, RestoreRequest};
 use crate::daemon::{Daemon, Sandbox};
 use crate::error::{Error, Result};
 use crate::rpc::{Handler, RequestContext};
@@ -87,6 +87,120 @@ impl Handler for TaskService {
     }
 }
 
+/// Container events flow into the task for as long as it lives.
+fn forward_events(
+    daemon: &Arc<Daemon>,
+    task: &Arc<Task>,
+    mut events_rx: tokio::sync::mpsc::UnboundedReceiver<ContainerEvent>,
+) {
+    let weak = Arc::downgrade(task);
+    let daemon = daemon.clone();
+    tokio::spawn(async move {
+        while let Some(event) = events_rx.recv().await {
+            let Some(task) = weak.upgrade() else { break };
+            match event {
+                ContainerEvent::Exit(exec_id, status) => {
+                    task.on_exit(exec_id.as_deref(), status);
+                    if exec_id.is_none() {
+                        daemon.save_task(&task);
+                    }
+                }
+                ContainerEvent::Oom => {
+                    let mut ev = TaskOOM::new();
+                    ev.container_id = task.id.clone();
+                    task.events.publish(TOPIC_OOM, &ev);
+                }
+            }
+        }
+    });
+}
+
+/// Rebuilds a task a predecessor daemon ran (live upgrade) from its record.
+pub async fn restore_task(
+    daemon: &Arc<Daemon>,
+    sandbox: &Sandbox,
+    backend: &dyn Backend,
+    rec: TaskRecord,
+    mut io: Vec<ProcessIoHandover>,
+) -> Result<Arc<Task>> {
+    let (events_tx, events_rx) = tokio::sync::mpsc::unbounded_channel();
+    for h in &mut io {
+        h.stdin_path = match &h.exec_id {
+            None => rec.stdio.stdin.clone(),
+            Some(e) => rec
+                .execs
+                .iter()
+                .find(|x| &x.exec_id == e)
+                .map(|x| x.stdio.stdin.clone())
+                .unwrap_or_default(),
+        };
+    }
+    let exit = |status: Option<u32>, at: Option<i64>| status.map(|s| (s, at.unwrap_or(0)));
+    let container = backend
+        .restore(RestoreRequest {
+            namespace: rec.namespace.clone(),
+            id: rec.id.clone(),
+            bundle: rec.bundle.clone(),
+            pid: rec.pid,
+            init_live: rec.exit_status.is_none(),
+            execs: rec
+                .execs
+                .iter()
+                .filter(|e| e.pid != 0)
+                .map(|e| (e.exec_id.clone(), e.pid, e.exit_status.is_none()))
+                .collect(),
+            io,
+            events: events_tx,
+        })
+        .await?;
+    let init = Process::restore(
+        &rec.id,
+        "",
+        rec.stdio.clone(),
+        Vec::new(),
+        rec.pid,
+        &rec.status,
+        exit(rec.exit_status, rec.exited_at_nanos),
+        rec.started,
+    );
+    let execs = rec
+        .execs
+        .into_iter()
+        .map(|e| {
+            let p = Process::restore(
+                &rec.id,
+                &e.exec_id,
+                e.stdio,
+                e.spec.into_bytes(),
+                e.pid,
+                &e.status,
+                exit(e.exit_status, e.exited_at_nanos),
+                e.started,
+            );
+            (e.exec_id, Arc::new(p))
+        })
+        .collect();
+    let task = Arc::new(Task {
+        namespace: rec.namespace.clone(),
+        id: rec.id,
+        sandbox_id: rec.sandbox_id,
+        kind: sandbox.kind,
+        bundle: rec.bundle,
+        rootfs_mounted: rec.rootfs_mounted,
+        container,
+        init: Arc::new(init),
+        execs: std::sync::Mutex::new(execs),
+        events: EventTarget {
+            publisher: daemon.publisher.clone(),
+            address: sandbox.ttrpc_address(),
+            namespace: rec.namespace,
+        },
+        persisted: Default::default(),
+    });
+    forward_events(daemon, &task, events_rx);
+    Ok(task)
+}
+
 /// How a process is named in messages: its exec id, or "init".
 fn process_label(exec_id: &str) -> &str {
     if exec_id.is_empty() {
@@ -141,7 +255,7 @@ impl TaskService {
             stderr: req.stderr.clone(),
             terminal: req.terminal,
         };
-        let (events_tx, mut events_rx) = tokio::sync::mpsc::unbounded_channel();
+        let (events_tx, events_rx) = tokio::sync::mpsc::unbounded_channel();
         let created = backend
             .create(CreateRequest {
                 namespace: ns.into(),
@@ -186,27 +300,7 @@ impl TaskService {
             }
             return Err(e);
         }
-        // Container events flow into the task for as long as it lives.
-        let weak = Arc::downgrade(&task);
-        let daemon = self.daemon.clone();
-        tokio::spawn(async move {
-            while let Some(event) = events_rx.recv().await {
-                let Some(task) = weak.upgrade() else { break };
-                match event {
-                    ContainerEvent::Exit(exec_id, status) => {
-                        task.on_exit(exec_id.as_deref(), status);
-                        if exec_id.is_none() {
-                            daemon.save_task(&task);
-                        }
-                    }
-                    ContainerEvent::Oom => {
-                        let mut ev = TaskOOM::new();
-                        ev.container_id = task.id.clone();
-                        task.events.publish(TOPIC_OOM, &ev);
-                    }
-                }
-            }
-        });
+        forward_events(&self.daemon, &task, events_rx);
         self.daemon.save_task(&task);
 
         let mut ev = TaskCreate::new();

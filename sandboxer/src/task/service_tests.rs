@@ -136,7 +136,14 @@ async fn fixture() -> Fixture {
     let events = Arc::new(Events::default());
     let events_sock = dir.path().join("events.sock");
     let listener = tokio::net::UnixListener::bind(&events_sock).unwrap();
-    tokio::spawn(crate::rpc::server::serve_listener(listener, events.clone()));
+    tokio::spawn(crate::rpc::server::serve_listener(
+        listener,
+        events.clone(),
+        crate::rpc::server::ConnScope {
+            registry: Default::default(),
+            sandbox: (String::new(), String::new()),
+        },
+    ));
     daemon
         .resolve(&wire::ResolveRequest {
             kind: "runc".into(),

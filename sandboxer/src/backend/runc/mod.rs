@@ -21,7 +21,9 @@ use tokio::sync::Mutex;
 
 use self::cli::{RuncCli, RuncStdio};
 use self::console::ConsoleSocket;
-use super::{Backend, Container, ContainerEvent, CreateRequest, EventSink};
+use super::{
+    Backend, Container, ContainerEvent, CreateRequest, EventSink, ProcessIoHandover, RestoreRequest,
+};
 use crate::error::{io_context, Error, Result};
 use crate::reaper::Reaper;
 use crate::stdio::{self, IoTasks, StdioPaths};
@@ -105,12 +107,86 @@ impl Backend for Runc {
         }))
     }
 
+    async fn restore(&self, req: RestoreRequest) -> Result<Box<dyn Container>> {
+        // Exits that happened while the daemon re-executed are zombies the
+        // reaper collects now; subscribing finds them either way.
+        let mut oom = None;
+        if req.init_live {
+            watch_exit(&self.cli.reaper, req.pid, None, &req.events);
+            let oom_sink = req.events.clone();
+            oom = crate::oom::watch(req.pid, move || {
+                let _ = oom_sink.send(ContainerEvent::Oom);
+            })
+            .map_err(|e| tracing::warn!(id = %req.id, "no OOM notifications: {e}"))
+            .ok();
+        }
+        let mut ios: HashMap<Option<String>, ProcessIoHandover> =
+            req.io.into_iter().map(|h| (h.exec_id.clone(), h)).collect();
+        let mut execs = HashMap::new();
+        for (exec_id, pid, live) in req.execs {
+            if live {
+                watch_exit(&self.cli.reaper, pid, Some(exec_id.clone()), &req.events);
+            }
+            let io = ios
+                .remove(&Some(exec_id.clone()))
+                .map(|h| adopt_io(&self.cli.reaper, h))
+                .unwrap_or_default();
+            execs.insert(exec_id, (pid, io));
+        }
+        let init = ios
+            .remove(&None)
+            .map(|h| adopt_io(&self.cli.reaper, h))
+            .unwrap_or_default();
+        Ok(Box::new(RuncContainer {
+            cli: self.cli.clone(),
+            console_dir: self.console_dir.clone(),
+            namespace: req.namespace,
+            id: req.id,
+            bundle: req.bundle,
+            pid: req.pid,
+            events: req.events,
+            oom,
+            init: Mutex::new(init),
+            execs: Mutex::new(execs),
+        }))
+    }
+
     async fn cleanup(&self, namespace: &str, id: &str) -> Result<()> {
         match self.cli.run(namespace, &["delete", "--force", id]).await {
             Ok(_) | Err(Error::NotFound(_)) => Ok(()),
             Err(e) => Err(e),
         }
     }
+}
+
+/// Restarts the copies of a process a predecessor ran (live upgrade). A
+/// copy that cannot restart is logged: only that stream stops flowing.
+fn adopt_io(reaper: &Arc<Reaper>, h: ProcessIoHandover) -> ProcessIo {
+    let mut p = ProcessIo::default();
+    p.io.logger = h
+        .logger_pid
+        .map(|pid| stdio::Logger::adopt(pid, reaper.clone()));
+    if let (Some(master), Some(to)) = (&h.master, h.fds.output_to) {
+        let copied = master
+            .try_clone()
+            .map_err(io_context("duplicating the terminal"))
+            .and_then(|from| p.io.copy_output(from, to));
+        if let Err(e) = copied {
+            tracing::warn!("terminal output not taken over: {e}");
+        }
+    }
+    if let Some(to) = h.fds.stdin_to {
+        let copied = match h.fds.stdin_from {
+            Some(from) => p.io.adopt_stdin(from, to),
+            None if !h.stdin_path.is_empty() => p.io.copy_stdin(&h.stdin_path, to),
+            None => Ok(()),
+        };
+        if let Err(e) = copied {
+            tracing::warn!("stdin not taken over: {e}");
+        }
+    }
+    p.master = h.master;
+    p
 }
 
 /// The pieces a running process owns besides its pid.
@@ -414,6 +490,21 @@ impl Container for RuncContainer {
         for ext in ["json", "pid", "log"] {
             let _ = std::fs::remove_file(self.exec_file(exec_id, ext));
         }
+    }
+
+    async fn handover_io(&self) -> Vec<ProcessIoHandover> {
+        let export = |exec_id: Option<String>, p: &ProcessIo| ProcessIoHandover {
+            exec_id,
+            master: p.master.as_ref().and_then(|m| m.try_clone().ok()),
+            fds: p.io.handover(),
+            logger_pid: p.io.logger.as_ref().map(|l| l.pid()),
+            stdin_path: String::new(),
+        };
+        let mut out = vec![export(None, &*self.init.lock().await)];
+        for (exec_id, (_, p)) in self.execs.lock().await.iter() {
+            out.push(export(Some(exec_id.clone()), p));
+        }
+        out
     }
 
     async fn delete(&self, force: bool) -> Result<()> {
