@@ -26,6 +26,8 @@ use crate::upgrade::SandboxHandover;
 
 /// Exit status reported for a task containerd gave up on (128 + SIGKILL).
 const KILLED: u32 = 137;
+/// How long a deleted task's exit is kept for containerd's `shim delete`.
+const DELETED_TTL: std::time::Duration = std::time::Duration::from_secs(60);
 /// Longest `unix://` address containerd can dial.
 const MAX_ADDRESS: usize = 106;
 
@@ -88,6 +90,10 @@ pub struct Daemon {
     socket_dir: PathBuf,
     sandboxes: Mutex<HashMap<Key, Arc<Sandbox>>>,
     tasks: Mutex<HashMap<Key, Arc<Task>>>,
+    /// Tasks deleted and cleaned up a moment ago, with their exit. containerd
+    /// runs `shim delete` after every task delete: this answers it without
+    /// another runc call on the path of every container.
+    deleted: Mutex<HashMap<Key, (wire::DeleteResponse, std::time::Instant)>>,
     /// Every accepted task connection, for a live upgrade.
     pub conns: Arc<Registry>,
     /// Private-API requests being handled, which a live upgrade waits for.
@@ -139,6 +145,7 @@ impl Daemon {
             backends: backends.into_iter().map(|b| (b.kind(), b)).collect(),
             sandboxes: Mutex::new(HashMap::new()),
             tasks: Mutex::new(HashMap::new()),
+            deleted: Mutex::new(HashMap::new()),
             conns: Arc::new(Registry::default()),
             control_calls: AtomicUsize::new(0),
         }))
@@ -185,6 +192,8 @@ impl Daemon {
                 task.id
             )));
         }
+        // A new task of a reused id: an old tombstone no longer speaks for it.
+        self.deleted.lock().unwrap().remove(&k);
         tasks.insert(k, task);
         Ok(())
     }
@@ -210,6 +219,16 @@ impl Daemon {
                 let mut removed = t.persisted.lock().unwrap();
                 *removed = true;
                 self.store.remove(Record::Task, namespace, id);
+                let view = t.init.view();
+                let now = std::time::SystemTime::now();
+                let tombstone = wire::DeleteResponse {
+                    pid: view.pid,
+                    exit_status: view.exit.map(|e| e.status).unwrap_or(KILLED),
+                    exited_at_nanos: crate::task::nanos(view.exit.map(|e| e.at).unwrap_or(now)),
+                };
+                let mut deleted = self.deleted.lock().unwrap();
+                deleted.retain(|_, (_, at)| at.elapsed() < DELETED_TTL);
+                deleted.insert(key(namespace, id), (tombstone, std::time::Instant::now()));
             }
             None => self.store.remove(Record::Task, namespace, id),
         }
@@ -508,6 +527,16 @@ impl Daemon {
             .get(&key(&req.namespace, &req.id))
             .cloned()
         else {
+            // Deleted and cleaned up a moment ago: report how it ended.
+            if let Some((reply, _)) = self
+                .deleted
+                .lock()
+                .unwrap()
+                .remove(&key(&req.namespace, &req.id))
+            {
+                self.leave_sandbox(&req.namespace, &req.id, None);
+                return Ok(reply);
+            }
             // Not tracked: make sure runc holds nothing and the rootfs is
             // unmounted, as containerd-shim-runc-v2 does.
             self.backend(kind)?.cleanup(&req.namespace, &req.id).await?;

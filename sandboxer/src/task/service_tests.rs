@@ -285,6 +285,18 @@ async fn lifecycle_follows_containerds_rules_and_events_come_in_order() {
         code(f.call::<_, StateResponse>("State", state("c1")).await),
         Code::NotFound
     );
+    // containerd's `shim delete` after a normal delete learns how it ended;
+    // asked again, it gets the idempotent answer for an unknown task.
+    let req = wire::DeleteRequest {
+        kind: "runc".into(),
+        namespace: "ns".into(),
+        id: "c1".into(),
+        bundle: String::new(),
+    };
+    let first = f.service.daemon.shim_delete(&req).await.unwrap();
+    assert_eq!((first.pid, first.exit_status), (INIT_PID, 137));
+    let again = f.service.daemon.shim_delete(&req).await.unwrap();
+    assert_eq!((again.pid, again.exit_status), (0, 137));
     let topics = f.topics(4).await;
     assert_eq!(
         topics,
