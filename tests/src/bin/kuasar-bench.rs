@@ -212,6 +212,22 @@ struct Row {
     unit: &'static str,
 }
 
+/// The median and p90 rows of one latency workload, in milliseconds.
+fn push_latency_rows(rows: &mut Vec<Row>, what: &str, runc: Vec<f64>, kuasar: Vec<f64>) {
+    rows.push(Row {
+        metric: format!("{what}, median of {}", runc.len()),
+        runc: percentile(runc.clone(), 0.5),
+        kuasar: percentile(kuasar.clone(), 0.5),
+        unit: "ms",
+    });
+    rows.push(Row {
+        metric: format!("{what}, p90"),
+        runc: percentile(runc, 0.9),
+        kuasar: percentile(kuasar, 0.9),
+        unit: "ms",
+    });
+}
+
 fn main() {
     let opts = parse_opts();
     assert!(
@@ -249,18 +265,7 @@ fn main() {
     );
     let sr = shim_start_times(&env, RUNC_V2, opts.shim_starts);
     let sk = shim_start_times(&env, KUASAR_RUNC, opts.shim_starts);
-    rows.push(Row {
-        metric: format!("shim start, median of {}", opts.shim_starts),
-        runc: percentile(sr.clone(), 0.5),
-        kuasar: percentile(sk.clone(), 0.5),
-        unit: "ms",
-    });
-    rows.push(Row {
-        metric: "shim start, p90".into(),
-        runc: percentile(sr, 0.9),
-        kuasar: percentile(sk, 0.9),
-        unit: "ms",
-    });
+    push_latency_rows(&mut rows, "shim start", sr, sk);
 
     // Interleave the serial runs so drift in machine load hits both alike.
     let (mut r, mut k) = (Vec::new(), Vec::new());
@@ -268,18 +273,7 @@ fn main() {
         r.extend(serial_runs(&env, RUNC_V2, 1, &format!("r{i}-")));
         k.extend(serial_runs(&env, KUASAR_RUNC, 1, &format!("k{i}-")));
     }
-    rows.push(Row {
-        metric: format!("ctr run --rm busybox true, median of {}", opts.serial),
-        runc: percentile(r.clone(), 0.5),
-        kuasar: percentile(k.clone(), 0.5),
-        unit: "ms",
-    });
-    rows.push(Row {
-        metric: "ctr run --rm busybox true, p90".into(),
-        runc: percentile(r, 0.9),
-        kuasar: percentile(k, 0.9),
-        unit: "ms",
-    });
+    push_latency_rows(&mut rows, "ctr run --rm busybox true", r, k);
 
     let ids = |p: &str, n: usize| -> Vec<String> { (0..n).map(|i| format!("{p}{i}")).collect() };
     let pr = ids("par-r", opts.parallel);
