@@ -406,7 +406,7 @@ pub async fn adopt(daemon: &Arc<Daemon>, path: &Path) -> Result<OwnedFd> {
 mod tests {
     use super::*;
     use crate::stdio::StdioPaths;
-    use crate::task::ExecRecord;
+    use crate::task::{ExecRecord, ProcessRecord};
 
     #[test]
     fn hex_round_trips_and_rejects_garbage() {
@@ -439,22 +439,26 @@ mod tests {
                 sandbox_id: "pod".into(),
                 kind: "runc".into(),
                 bundle: "/b".into(),
-                pid: 42,
-                status: "RUNNING".into(),
-                exit_status: None,
-                exited_at_nanos: None,
-                stdio: StdioPaths::default(),
                 rootfs_mounted: true,
-                started: true,
+                init: ProcessRecord {
+                    pid: 42,
+                    status: "RUNNING".into(),
+                    exit_status: None,
+                    exited_at_nanos: None,
+                    stdio: StdioPaths::default(),
+                    started: true,
+                },
                 execs: vec![ExecRecord {
                     exec_id: "e1".into(),
-                    pid: 43,
-                    status: "STOPPED".into(),
-                    exit_status: Some(7),
-                    exited_at_nanos: Some(1_700_000_000_000_000_000),
-                    stdio: StdioPaths::default(),
                     spec: r#"{"args":["true"]}"#.into(),
-                    started: true,
+                    process: ProcessRecord {
+                        pid: 43,
+                        status: "STOPPED".into(),
+                        exit_status: Some(7),
+                        exited_at_nanos: Some(1_700_000_000_000_000_000),
+                        stdio: StdioPaths::default(),
+                        started: true,
+                    },
                 }],
             }],
             connections: vec![ConnRecord {
@@ -483,7 +487,7 @@ mod tests {
         assert_eq!(got.sandboxes, h.sandboxes);
         assert_eq!(got.connections, h.connections);
         assert_eq!(got.tasks[0].execs, h.tasks[0].execs);
-        assert_eq!(got.tasks[0].pid, 42);
+        assert_eq!(got.tasks[0].init.pid, 42);
         assert_eq!(
             from_hex(&got.connections[0].pending[0].request).unwrap(),
             b"wait request"
@@ -500,7 +504,8 @@ mod tests {
         )
         .unwrap();
         assert!(rec.execs.is_empty());
-        assert!(!rec.started);
+        assert!(!rec.init.started);
+        assert_eq!(rec.init.pid, 1);
     }
 
     #[test]

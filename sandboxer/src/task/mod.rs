@@ -126,24 +126,21 @@ impl Process {
     pub fn restore(
         container_id: &str,
         exec_id: &str,
-        stdio: StdioPaths,
         spec: Vec<u8>,
-        pid: u32,
-        status: &str,
-        exit: Option<(u32, i64)>,
-        started: bool,
+        rec: &ProcessRecord,
     ) -> Process {
-        let p = Process::new(container_id, exec_id, stdio, spec, pid);
-        let exit = exit.map(|(status, at)| ExitInfo {
+        let p = Process::new(container_id, exec_id, rec.stdio.clone(), spec, rec.pid);
+        let exit = rec.exit_status.map(|status| ExitInfo {
             status,
-            at: from_nanos(at),
+            at: from_nanos(rec.exited_at_nanos.unwrap_or(0)),
         });
+        let started = rec.started;
         {
             let mut st = p.state.lock().unwrap();
             st.status = if exit.is_some() {
                 Status::STOPPED
             } else {
-                parse_status(status)
+                parse_status(&rec.status)
             };
             st.exit = exit;
             st.start_published = started;
@@ -151,6 +148,19 @@ impl Process {
         }
         p.exited.send_replace(exit);
         p
+    }
+
+    /// What is persisted of this process, read under one lock.
+    pub fn record(&self) -> ProcessRecord {
+        let st = self.state.lock().unwrap();
+        ProcessRecord {
+            pid: st.pid,
+            status: format!("{:?}", st.status),
+            exit_status: st.exit.map(|e| e.status),
+            exited_at_nanos: st.exit.map(|e| nanos(e.at)),
+            stdio: self.stdio.clone(),
+            started: st.start_published,
+        }
     }
 
     pub fn view(&self) -> ProcessView {
@@ -278,15 +288,10 @@ pub struct TaskRecord {
     pub sandbox_id: String,
     pub kind: String,
     pub bundle: PathBuf,
-    pub pid: u32,
-    pub status: String,
-    pub exit_status: Option<u32>,
-    pub exited_at_nanos: Option<i64>,
-    pub stdio: StdioPaths,
     pub rootfs_mounted: bool,
-    /// The start event went out (a live upgrade must not send it again).
-    #[serde(default)]
-    pub started: bool,
+    /// The init process.
+    #[serde(flatten)]
+    pub init: ProcessRecord,
     /// Exec processes not yet deleted.
     #[serde(default)]
     pub execs: Vec<ExecRecord>,
@@ -296,13 +301,22 @@ pub struct TaskRecord {
 #[derive(serde::Serialize, serde::Deserialize, Debug, Clone, PartialEq, Eq)]
 pub struct ExecRecord {
     pub exec_id: String,
+    /// The OCI process spec (JSON text).
+    pub spec: String,
+    #[serde(flatten)]
+    pub process: ProcessRecord,
+}
+
+/// What is persisted of any process, init or exec.
+#[derive(serde::Serialize, serde::Deserialize, Debug, Clone, PartialEq, Eq)]
+pub struct ProcessRecord {
     pub pid: u32,
     pub status: String,
     pub exit_status: Option<u32>,
     pub exited_at_nanos: Option<i64>,
     pub stdio: StdioPaths,
-    /// The OCI process spec (JSON text).
-    pub spec: String,
+    /// The start event went out (a live upgrade must not send it again).
+    #[serde(default)]
     pub started: bool,
 }
 
@@ -324,37 +338,23 @@ fn from_nanos(n: i64) -> SystemTime {
 
 impl Task {
     pub fn record(&self) -> TaskRecord {
-        let v = self.init.view();
         TaskRecord {
             namespace: self.namespace.clone(),
             id: self.id.clone(),
             sandbox_id: self.sandbox_id.clone(),
             kind: self.kind.as_str().into(),
             bundle: self.bundle.clone(),
-            pid: v.pid,
-            status: format!("{:?}", v.status),
-            exit_status: v.exit.map(|e| e.status),
-            exited_at_nanos: v.exit.map(|e| nanos(e.at)),
-            stdio: self.init.stdio.clone(),
             rootfs_mounted: self.rootfs_mounted,
-            started: self.init.state.lock().unwrap().start_published,
+            init: self.init.record(),
             execs: self
                 .execs
                 .lock()
                 .unwrap()
                 .values()
-                .map(|p| {
-                    let st = p.state.lock().unwrap();
-                    ExecRecord {
-                        exec_id: p.exec_id.clone(),
-                        pid: st.pid,
-                        status: format!("{:?}", st.status),
-                        exit_status: st.exit.map(|e| e.status),
-                        exited_at_nanos: st.exit.map(|e| nanos(e.at)),
-                        stdio: p.stdio.clone(),
-                        spec: String::from_utf8_lossy(&p.spec).into_owned(),
-                        started: st.start_published,
-                    }
+                .map(|p| ExecRecord {
+                    exec_id: p.exec_id.clone(),
+                    spec: String::from_utf8_lossy(&p.spec).into_owned(),
+                    process: p.record(),
                 })
                 .collect(),
         }

@@ -126,57 +126,44 @@ pub async fn restore_task(
     let (events_tx, events_rx) = tokio::sync::mpsc::unbounded_channel();
     for h in &mut io {
         h.stdin_path = match &h.exec_id {
-            None => rec.stdio.stdin.clone(),
+            None => rec.init.stdio.stdin.clone(),
             Some(e) => rec
                 .execs
                 .iter()
                 .find(|x| &x.exec_id == e)
-                .map(|x| x.stdio.stdin.clone())
+                .map(|x| x.process.stdio.stdin.clone())
                 .unwrap_or_default(),
         };
     }
-    let exit = |status: Option<u32>, at: Option<i64>| status.map(|s| (s, at.unwrap_or(0)));
     let container = backend
         .restore(RestoreRequest {
             namespace: rec.namespace.clone(),
             id: rec.id.clone(),
             bundle: rec.bundle.clone(),
-            pid: rec.pid,
-            init_live: rec.exit_status.is_none(),
+            pid: rec.init.pid,
+            init_live: rec.init.exit_status.is_none(),
             execs: rec
                 .execs
                 .iter()
-                .filter(|e| e.pid != 0)
-                .map(|e| (e.exec_id.clone(), e.pid, e.exit_status.is_none()))
+                .filter(|e| e.process.pid != 0)
+                .map(|e| {
+                    (
+                        e.exec_id.clone(),
+                        e.process.pid,
+                        e.process.exit_status.is_none(),
+                    )
+                })
                 .collect(),
             io,
             events: events_tx,
         })
         .await?;
-    let init = Process::restore(
-        &rec.id,
-        "",
-        rec.stdio.clone(),
-        Vec::new(),
-        rec.pid,
-        &rec.status,
-        exit(rec.exit_status, rec.exited_at_nanos),
-        rec.started,
-    );
+    let init = Process::restore(&rec.id, "", Vec::new(), &rec.init);
     let execs = rec
         .execs
         .into_iter()
         .map(|e| {
-            let p = Process::restore(
-                &rec.id,
-                &e.exec_id,
-                e.stdio,
-                e.spec.into_bytes(),
-                e.pid,
-                &e.status,
-                exit(e.exit_status, e.exited_at_nanos),
-                e.started,
-            );
+            let p = Process::restore(&rec.id, &e.exec_id, e.spec.into_bytes(), &e.process);
             (e.exec_id, Arc::new(p))
         })
         .collect();
