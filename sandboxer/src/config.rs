@@ -22,7 +22,7 @@ pub struct Config {
     /// `tracing` filter, overridden by `RUST_LOG`.
     pub log_level: String,
     pub runc: RuncConfig,
-    pub wasm: BackendToggle,
+    pub wasm: WasmConfig,
     pub vmm: BackendToggle,
 }
 
@@ -32,6 +32,33 @@ pub struct RuncConfig {
     pub enabled: bool,
     /// The runc binary, by path or looked up in `PATH`.
     pub binary: String,
+}
+
+/// The wasm backend: one wasmtime engine for every instance on the node.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct WasmConfig {
+    pub enabled: bool,
+    /// Instances that can exist at once (slots of the pooling allocator).
+    pub max_instances: u32,
+    /// The most linear memory one instance may have, whatever its limit.
+    pub max_memory_mib: u64,
+    /// Compiled modules kept in memory while no instance uses them.
+    pub cached_modules: usize,
+    /// Threads that run instances, apart from the daemon's own.
+    pub threads: usize,
+}
+
+impl Default for WasmConfig {
+    fn default() -> Self {
+        WasmConfig {
+            enabled: false,
+            max_instances: 1000,
+            max_memory_mib: 4096,
+            cached_modules: 64,
+            threads: 2,
+        }
+    }
 }
 
 #[derive(Debug, Clone, Default, Deserialize)]
@@ -48,7 +75,7 @@ impl Default for Config {
             allowed_uids: vec![0],
             log_level: "info".into(),
             runc: RuncConfig::default(),
-            wasm: BackendToggle::default(),
+            wasm: WasmConfig::default(),
             vmm: BackendToggle::default(),
         }
     }
@@ -102,7 +129,8 @@ log_level = "debug"
 enabled = true
 binary = "/usr/sbin/runc"
 [wasm]
-enabled = false
+enabled = true
+max_instances = 600
 "#,
         )
         .unwrap();
@@ -111,6 +139,9 @@ enabled = false
         assert_eq!(c.allowed_uids, vec![0, 1000]);
         assert_eq!(c.runc.binary, "/usr/sbin/runc");
         assert!(!c.vmm.enabled);
+        assert!(c.wasm.enabled);
+        assert_eq!(c.wasm.max_instances, 600);
+        assert_eq!(c.wasm.max_memory_mib, 4096);
         assert!(toml::from_str::<Config>("roots = \"/x\"").is_err());
     }
 

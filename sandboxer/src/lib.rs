@@ -61,6 +61,13 @@ pub async fn run_with_handover(config: Config, handover: Option<PathBuf>) -> Res
             reaper.clone(),
         )));
     }
+    if config.wasm.enabled {
+        backends.push(Arc::new(backend::wasm::Wasm::new(
+            &config.root,
+            &config.wasm,
+            reaper.clone(),
+        )?));
+    }
     let listen = config.listen_path();
     let daemon = daemon::Daemon::new(config, reaper.clone(), backends)?;
     let adopted = match &handover {

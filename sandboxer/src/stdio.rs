@@ -463,7 +463,7 @@ fn set_nonblocking(fd: RawFd) -> io::Result<()> {
 
 /// A writer for any descriptor: pollable ones (pipes, FIFOs, terminals)
 /// through the reactor, regular files through tokio's file.
-fn writer(fd: OwnedFd) -> io::Result<Pin<Box<dyn AsyncWrite + Send>>> {
+pub fn writer(fd: OwnedFd) -> io::Result<Pin<Box<dyn AsyncWrite + Send + Sync>>> {
     let raw = fd.as_raw_fd();
     let stat = nix::sys::stat::fstat(raw).map_err(io::Error::from)?;
     if stat.st_mode & libc::S_IFMT == libc::S_IFREG {

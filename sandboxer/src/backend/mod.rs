@@ -3,6 +3,8 @@
 //! events, stdio plumbing, rootfs mounts and persistence live above it.
 
 pub mod runc;
+pub mod stats;
+pub mod wasm;
 
 use std::os::fd::OwnedFd;
 use std::path::PathBuf;
@@ -98,6 +100,11 @@ pub trait Container: Send + Sync {
     fn pid(&self) -> u32;
 
     async fn start(&self) -> Result<u32>;
+
+    /// Whether Exec can add processes to this container.
+    fn exec_supported(&self) -> Result<()> {
+        Ok(())
+    }
 
     /// Starts a process added with Exec; `spec` is the OCI process as JSON.
     async fn exec(&self, exec_id: &str, spec: &[u8], stdio: &StdioPaths) -> Result<u32>;

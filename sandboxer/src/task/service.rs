@@ -453,6 +453,7 @@ impl TaskService {
         if task.init.view().exit.is_some() {
             return Err(not_running(&task, "exec"));
         }
+        task.container.exec_supported()?;
         let spec =
             req.spec.as_ref().map(|a| a.value.clone()).ok_or_else(|| {
                 Error::InvalidArgument("exec request carries no process spec".into())

@@ -3,7 +3,6 @@
 
 mod cli;
 mod console;
-mod stats;
 
 use std::collections::HashMap;
 use std::os::fd::OwnedFd;
@@ -21,6 +20,7 @@ use tokio::sync::Mutex;
 
 use self::cli::{RuncCli, RuncStdio};
 use self::console::ConsoleSocket;
+use super::stats;
 use super::{
     Backend, Container, ContainerEvent, CreateRequest, EventSink, ProcessIoHandover, RestoreRequest,
 };

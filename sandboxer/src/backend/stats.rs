@@ -1,6 +1,6 @@
-//! Container metrics from `runc events --stats`, in the cgroup metrics
-//! types containerd's CRI expects (any other type breaks its stats listing
-//! for the whole node).
+//! Container metrics in the cgroup metrics types containerd's CRI expects
+//! (any other type breaks its stats listing for the whole node): from
+//! `runc events --stats`, or what a backend counts itself.
 
 use std::collections::HashMap;
 
@@ -94,6 +94,31 @@ struct BlkioEntry {
     minor: u64,
     op: String,
     value: u64,
+}
+
+impl Stats {
+    /// Metrics of a workload that is not a cgroup of its own: CPU time,
+    /// memory in use and its peak, the memory limit (0: none), one task.
+    pub fn counted(cpu_ns: u64, memory: u64, memory_max: u64, memory_limit: u64) -> Stats {
+        let mut s = Stats::default();
+        s.cpu.usage.total = cpu_ns;
+        s.cpu.usage.user = cpu_ns;
+        s.memory.usage = MemEntry {
+            limit: if memory_limit == 0 {
+                u64::MAX
+            } else {
+                memory_limit
+            },
+            usage: memory,
+            max: memory_max,
+            failcnt: 0,
+        };
+        s.memory.raw.insert("rss".into(), memory);
+        s.memory.raw.insert("total_rss".into(), memory);
+        s.memory.raw.insert("anon".into(), memory);
+        s.pids.current = 1;
+        s
+    }
 }
 
 /// Parses `runc events --stats` output.

@@ -1,0 +1,396 @@
+//! The wasm backend: a container is a wasmtime instance inside the daemon
+//! (WASI preview1 modules and preview2 command components). No process is
+//! started; the engine, compiled programs and threads are shared by all.
+
+mod engine;
+mod instance;
+mod spec;
+#[cfg(test)]
+mod tests;
+
+use std::os::fd::OwnedFd;
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use async_trait::async_trait;
+use containerd_shim_protos::api::ProcessInfo;
+use kuasar_protocol::Kind;
+use protobuf::well_known_types::any::Any;
+use protobuf::well_known_types::wrappers::StringValue;
+use tokio::io::AsyncWriteExt;
+use wasmtime::Store;
+use wasmtime_wasi::cli::{AsyncStdinStream, AsyncStdoutStream};
+use wasmtime_wasi::{FsPerms, WasiCtxBuilder};
+
+pub use self::engine::WasmEngine;
+use self::engine::{Program, RunningGuard};
+use self::instance::{Control, Limiter, Memory, Outcome, State, Supervised};
+use super::stats::{self, Stats};
+use super::{Backend, Container, ContainerEvent, CreateRequest, EventSink};
+use crate::config::WasmConfig;
+use crate::error::{io_context, Error, Result};
+use crate::events::to_any;
+use crate::reaper::Reaper;
+use crate::stdio::{self, IoTasks};
+
+/// Bytes a guest may have queued on stdout or stderr before a write waits.
+const OUTPUT_BUDGET: usize = 64 << 10;
+
+pub struct Wasm {
+    engine: Arc<WasmEngine>,
+    reaper: Arc<Reaper>,
+}
+
+impl Wasm {
+    pub fn new(root: &std::path::Path, cfg: &WasmConfig, reaper: Arc<Reaper>) -> Result<Wasm> {
+        Ok(Wasm {
+            engine: Arc::new(WasmEngine::new(root, cfg)?),
+            reaper,
+        })
+    }
+
+    pub fn engine(&self) -> &Arc<WasmEngine> {
+        &self.engine
+    }
+}
+
+fn wasi_error(what: &str) -> impl FnOnce(wasmtime::Error) -> Error + '_ {
+    move |e| Error::InvalidArgument(format!("{what}: {e:#}"))
+}
+
+#[async_trait]
+impl Backend for Wasm {
+    fn kind(&self) -> Kind {
+        Kind::Wasm
+    }
+
+    async fn create(&self, req: CreateRequest) -> Result<Box<dyn Container>> {
+        Ok(Box::new(self.create_instance(req).await?))
+    }
+
+    async fn cleanup(&self, _namespace: &str, _id: &str) -> Result<()> {
+        // An instance leaves nothing outside the daemon.
+        Ok(())
+    }
+}
+
+impl Wasm {
+    async fn create_instance(&self, req: CreateRequest) -> Result<WasmContainer> {
+        let bundle = req.bundle.clone();
+        let (spec, bytes) = tokio::task::spawn_blocking(move || spec::load(&bundle))
+            .await
+            .map_err(|e| Error::Internal(format!("reading the bundle: {e}")))??;
+        let program = self.engine.program(bytes).await?;
+        if let Program::Core { module, .. } = &*program {
+            match module.get_export(&spec.function) {
+                Some(wasmtime::ExternType::Func(_)) => {}
+                _ => {
+                    return Err(Error::InvalidArgument(format!(
+                        "{}: the module exports no function {:?}",
+                        spec.program_path, spec.function
+                    )))
+                }
+            }
+        }
+
+        // A terminal merges both streams, as a tty would.
+        let mut paths = req.stdio.clone();
+        if paths.terminal {
+            paths.stderr = paths.stdout.clone();
+        }
+        let outputs = stdio::open_outputs(&paths, &req.namespace, &req.id, &self.reaper).await?;
+        let mut io = IoTasks::default();
+        io.logger = outputs.logger;
+        let stdin = if paths.stdin.is_empty() {
+            None
+        } else {
+            let (from, to) = stdio::pipe()?;
+            io.copy_stdin(&paths.stdin, to)?;
+            Some(from)
+        };
+        // The end-of-run message goes to stderr after the guest's own
+        // writers are gone.
+        let notice = outputs
+            .stderr
+            .try_clone()
+            .map_err(io_context("duplicating stderr"))?;
+
+        let memory = Arc::new(Memory::default());
+        memory.limit.store(spec.memory_limit, Ordering::SeqCst);
+        let mut wasi = WasiCtxBuilder::new();
+        wasi.args(&spec.args).envs(&spec.env).initial_cwd(&spec.cwd);
+        for p in &spec.preopens {
+            let perms = if p.readonly {
+                FsPerms::ReadOnly
+            } else {
+                FsPerms::ReadWrite
+            };
+            wasi.preopened_dir(&p.host, &p.guest, perms)
+                .map_err(wasi_error(&format!("preopening {}", p.host.display())))?;
+        }
+        let store = {
+            // Streams register with the reactor of the threads that run
+            // the instance.
+            let _runtime = self.engine.handle.enter();
+            let out = stdio::writer(outputs.stdout).map_err(io_context("watching stdout"))?;
+            let err = stdio::writer(outputs.stderr).map_err(io_context("watching stderr"))?;
+            wasi.stdout(AsyncStdoutStream::new(OUTPUT_BUDGET, out))
+                .stderr(AsyncStdoutStream::new(OUTPUT_BUDGET, err));
+            if let Some(from) = stdin {
+                let from = stdio::FdStream::new(from).map_err(io_context("watching stdin"))?;
+                wasi.stdin(AsyncStdinStream::new(from));
+            }
+            let mut store = Store::new(
+                &self.engine.engine,
+                State {
+                    wasi: wasi.build_p1(),
+                    limits: Limiter {
+                        memory: memory.clone(),
+                        events: req.events.clone(),
+                    },
+                },
+            );
+            store.limiter(|s| &mut s.limits);
+            store.set_epoch_deadline(1);
+            store.epoch_deadline_async_yield_and_update(1);
+            store
+        };
+        tracing::debug!(id = %req.id, program = %spec.program_path,
+            component = program.is_component(), "wasm instance created");
+        Ok(WasmContainer {
+            engine: self.engine.clone(),
+            id: req.id,
+            program,
+            function: spec.function,
+            events: req.events,
+            memory,
+            control: Arc::new(Control::default()),
+            run: Mutex::new(Run::Created { store, notice }),
+            io: tokio::sync::Mutex::new(io),
+        })
+    }
+}
+
+enum Run {
+    Created {
+        store: Store<State>,
+        notice: OwnedFd,
+    },
+    Started,
+    Ended,
+}
+
+pub struct WasmContainer {
+    engine: Arc<WasmEngine>,
+    id: String,
+    program: Arc<Program>,
+    function: String,
+    events: EventSink,
+    memory: Arc<Memory>,
+    control: Arc<Control>,
+    run: Mutex<Run>,
+    io: tokio::sync::Mutex<IoTasks>,
+}
+
+/// Writes the end-of-run notice, without waiting long on a full FIFO.
+async fn write_notice(fd: OwnedFd, text: String) {
+    if let Ok(mut w) = stdio::writer(fd) {
+        let write = async {
+            w.write_all(text.as_bytes()).await?;
+            // A regular file's writes complete on flush.
+            w.flush().await
+        };
+        let _ = tokio::time::timeout(Duration::from_secs(1), write).await;
+    }
+}
+
+fn panic_message(e: tokio::task::JoinError) -> String {
+    match e.try_into_panic() {
+        Ok(p) => p
+            .downcast_ref::<&str>()
+            .map(|s| s.to_string())
+            .or_else(|| p.downcast_ref::<String>().cloned())
+            .unwrap_or_else(|| "unknown panic".into()),
+        Err(e) => e.to_string(),
+    }
+}
+
+fn finish(events: &EventSink, outcome: &Outcome) {
+    let _ = events.send(ContainerEvent::Exit(None, outcome.exit_status()));
+}
+
+/// Runs an instance in a task of its own, so that a panic of host code
+/// while running it ends that task, not the daemon; then reports its end:
+/// a notice on its stderr where there is one, and its exit status.
+fn monitor(
+    engine: &WasmEngine,
+    run: impl std::future::Future<Output = Outcome> + Send + 'static,
+    running: RunningGuard,
+    notice: OwnedFd,
+    events: EventSink,
+    id: String,
+) {
+    let task = engine.handle.spawn(run);
+    engine.handle.spawn(async move {
+        let outcome = match task.await {
+            Ok(o) => o,
+            Err(e) => Outcome::Trapped(format!("host panic: {}", panic_message(e))),
+        };
+        drop(running);
+        tracing::debug!(%id, ?outcome, "wasm instance ended");
+        if let Some(text) = outcome.message() {
+            write_notice(notice, text).await;
+        }
+        finish(&events, &outcome);
+    });
+}
+
+#[async_trait]
+impl Container for WasmContainer {
+    fn pid(&self) -> u32 {
+        std::process::id()
+    }
+
+    async fn start(&self) -> Result<u32> {
+        let (store, notice) = match std::mem::replace(&mut *self.run.lock().unwrap(), Run::Started)
+        {
+            Run::Created { store, notice } => (store, notice),
+            other => {
+                *self.run.lock().unwrap() = other;
+                return Err(Error::FailedPrecondition(format!(
+                    "wasm instance {} was already started",
+                    self.id
+                )));
+            }
+        };
+        let run = Supervised::new(
+            instance::run(self.program.clone(), self.function.clone(), store),
+            self.control.clone(),
+        );
+        monitor(
+            &self.engine,
+            run,
+            self.engine.running(),
+            notice,
+            self.events.clone(),
+            self.id.clone(),
+        );
+        Ok(self.pid())
+    }
+
+    async fn exec(&self, _exec_id: &str, _spec: &[u8], _stdio: &stdio::StdioPaths) -> Result<u32> {
+        Err(Error::Unimplemented(
+            "exec is not supported in wasm containers: an instance has one entry point".into(),
+        ))
+    }
+
+    fn exec_supported(&self) -> Result<()> {
+        Err(Error::Unimplemented(
+            "exec is not supported in wasm containers: an instance has one entry point".into(),
+        ))
+    }
+
+    async fn kill(&self, exec_id: Option<&str>, signal: u32, _all: bool) -> Result<()> {
+        if let Some(e) = exec_id {
+            return Err(Error::NotFound(format!("exec {e} not found")));
+        }
+        match signal {
+            // Signal 0 only checks; the default action of these is to ignore.
+            0 | 17 | 23 | 28 => return Ok(()),
+            19 | 20 => {
+                self.control.pause();
+                return Ok(());
+            }
+            18 => {
+                self.control.resume();
+                return Ok(());
+            }
+            _ => {}
+        }
+        let mut run = self.run.lock().unwrap();
+        match std::mem::replace(&mut *run, Run::Ended) {
+            // Never started: it ends without running, as runc's init would.
+            Run::Created { store, notice } => {
+                drop((store, notice));
+                finish(&self.events, &Outcome::Killed(signal));
+            }
+            Run::Started => {
+                *run = Run::Started;
+                self.control.kill(signal);
+            }
+            Run::Ended => {}
+        }
+        Ok(())
+    }
+
+    async fn pause(&self) -> Result<()> {
+        self.control.pause();
+        Ok(())
+    }
+
+    async fn resume(&self) -> Result<()> {
+        self.control.resume();
+        Ok(())
+    }
+
+    async fn update(&self, resources: &[u8]) -> Result<()> {
+        let r: oci_spec::runtime::LinuxResources = serde_json::from_slice(resources)
+            .map_err(|e| Error::InvalidArgument(format!("parsing resources: {e}")))?;
+        if let Some(limit) = r.memory().as_ref().and_then(|m| m.limit()) {
+            self.memory
+                .limit
+                .store(if limit > 0 { limit as u64 } else { 0 }, Ordering::SeqCst);
+        }
+        Ok(())
+    }
+
+    async fn stats(&self) -> Result<Any> {
+        let used = self.memory.usage.load(Ordering::SeqCst);
+        Ok(stats::to_any_for_host(&Stats::counted(
+            self.control.cpu_ns.load(Ordering::Relaxed),
+            used,
+            // Linear memory never shrinks: what is in use is the peak.
+            used,
+            self.memory.limit.load(Ordering::SeqCst),
+        )))
+    }
+
+    async fn pids(&self) -> Result<Vec<ProcessInfo>> {
+        let mut info = StringValue::new();
+        info.value = format!(
+            "wasm instance {} runs inside kuasar-sandboxer (pid {})",
+            self.id,
+            self.pid()
+        );
+        let mut p = ProcessInfo::new();
+        p.pid = self.pid();
+        p.info = Some(to_any(&info)).into();
+        Ok(vec![p])
+    }
+
+    async fn resize_pty(&self, _exec_id: Option<&str>, _width: u32, _height: u32) -> Result<()> {
+        // The guest sees no terminal; there is nothing to resize.
+        Ok(())
+    }
+
+    async fn close_stdin(&self, exec_id: Option<&str>) -> Result<()> {
+        if let Some(e) = exec_id {
+            return Err(Error::NotFound(format!("exec {e} not found")));
+        }
+        self.io.lock().await.close_stdin().await;
+        Ok(())
+    }
+
+    async fn delete_exec(&self, _exec_id: &str) {}
+
+    async fn delete(&self, force: bool) -> Result<()> {
+        if force {
+            self.kill(None, 9, true).await?;
+        }
+        let mut io = std::mem::take(&mut *self.io.lock().await);
+        io.close_stdin().await;
+        drop(io);
+        Ok(())
+    }
+}
