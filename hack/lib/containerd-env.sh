@@ -307,6 +307,8 @@ log_level = "${KUASAR_SANDBOXER_LOG:-info}"
 [runc]
 enabled = true
 binary = "runc"
+[wasm]
+enabled = true
 EOT
   printf '#!/bin/sh\n# ctr for the throw-away containerd %s in %s\nCONTAINERD_NAMESPACE=%q\nexport CONTAINERD_NAMESPACE\nexec %q --address %q "$@"\n' \
     "$ver" "$dir" "$KUASAR_ENV_NAMESPACE" "$cdir/ctr" "$dir/c.sock" > "$dir/ctr"

@@ -467,6 +467,17 @@ impl Daemon {
     }
 
     /// Every task as persisted, with current statuses.
+    /// Tasks that exist only in this process (wasm instances): a re-exec
+    /// cannot carry them.
+    pub fn tasks_in_process(&self) -> usize {
+        self.tasks
+            .lock()
+            .unwrap()
+            .values()
+            .filter(|t| t.kind == Kind::Wasm)
+            .count()
+    }
+
     pub fn task_records(&self) -> Vec<TaskRecord> {
         self.tasks
             .lock()

@@ -206,6 +206,12 @@ pub async fn upgrade(
     control_fd: RawFd,
     reaper_task: &mut JoinHandle<()>,
 ) -> Error {
+    let held = daemon.tasks_in_process();
+    if held > 0 {
+        return Error::FailedPrecondition(format!(
+            "live upgrade refused: {held} wasm task(s) live inside this process and would be lost"
+        ));
+    }
     tracing::info!("live upgrade: quiescing");
     daemon.conns.quiesce();
     daemon.stop_listeners().await;

@@ -4,6 +4,7 @@
 
 pub mod cgroup;
 pub mod cmd;
+pub mod wasm;
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -16,6 +17,9 @@ pub use cmd::{run_cmd, Out};
 pub const IMAGE: &str = "docker.io/library/busybox:latest";
 pub const KUASAR_RUNC: &str = "io.containerd.kuasarrunc.v1";
 pub const RUNC_V2: &str = "io.containerd.runc.v2";
+pub const KUASAR_WASM: &str = "io.containerd.kuasarwasm.v1";
+/// The WASI test image (platform wasip1/wasm) hack/build-wasm-image.sh builds.
+pub const WASM_IMAGE: &str = "docker.io/kuasar/wasm-test:latest";
 
 /// The runtime the e2e suite drives: `KUASAR_E2E_RUNTIME`, else
 /// `io.containerd.kuasarrunc.v1`. Set it to `io.containerd.runc.v2` to check
@@ -86,29 +90,97 @@ pub fn kuasar_bin_dir() -> PathBuf {
     workspace().join("target/debug")
 }
 
-/// The busybox image archive: `KUASAR_BUSYBOX_IMAGE`, else built once by
-/// hack/build-busybox-image.sh into target/kuasar-images.
+/// An image archive: `$env_var`, else built once by `hack/$script` into
+/// target/kuasar-images/`file`.
+fn built_image(
+    cell: &'static OnceLock<PathBuf>,
+    env_var: &str,
+    file: &str,
+    script: &str,
+) -> PathBuf {
+    cell.get_or_init(|| {
+        if let Some(p) = std::env::var_os(env_var) {
+            return p.into();
+        }
+        let out = workspace().join("target/kuasar-images").join(file);
+        if !out.exists() {
+            std::fs::create_dir_all(out.parent().unwrap()).unwrap();
+            let mut cmd = Command::new("bash");
+            cmd.arg(workspace().join("hack").join(script))
+                .env("KUASAR_BIN_DIR", kuasar_bin_dir());
+            // Built under a private name, then renamed: another test
+            // binary may be building it at the same moment.
+            let tmp = out.with_extension(format!("tar.{}", std::process::id()));
+            let o = run_cmd(cmd.arg(&tmp), Duration::from_secs(120));
+            assert!(o.ok(), "building {file} with {script}: {o}");
+            std::fs::rename(&tmp, &out).expect("installing the image");
+        }
+        out
+    })
+    .clone()
+}
+
+/// The busybox image archive: `KUASAR_BUSYBOX_IMAGE`, else built by
+/// hack/build-busybox-image.sh.
 pub fn busybox_image() -> PathBuf {
     static IMAGE_TAR: OnceLock<PathBuf> = OnceLock::new();
-    IMAGE_TAR
-        .get_or_init(|| {
-            if let Some(p) = std::env::var_os("KUASAR_BUSYBOX_IMAGE") {
-                return p.into();
+    built_image(
+        &IMAGE_TAR,
+        "KUASAR_BUSYBOX_IMAGE",
+        "busybox.tar",
+        "build-busybox-image.sh",
+    )
+}
+
+/// The WASI test image archive: `KUASAR_WASM_IMAGE`, else built by
+/// hack/build-wasm-image.sh from the WAT programs (and the third-party
+/// WASI programs hack/fetch-wasi-programs.sh installed).
+pub fn wasm_image() -> PathBuf {
+    static IMAGE_TAR: OnceLock<PathBuf> = OnceLock::new();
+    built_image(
+        &IMAGE_TAR,
+        "KUASAR_WASM_IMAGE",
+        "wasm-test.tar",
+        "build-wasm-image.sh",
+    )
+}
+
+/// `ctr events` of an env, subscribed: see [`Env::subscribe_events`].
+pub struct EventStream {
+    child: Option<Child>,
+    lines: std::sync::mpsc::Receiver<String>,
+}
+
+impl EventStream {
+    /// Event lines until one satisfies `last` (included) or `timeout`.
+    pub fn collect_until(
+        &self,
+        timeout: Duration,
+        mut last: impl FnMut(&str) -> bool,
+    ) -> Vec<String> {
+        let mut lines = Vec::new();
+        let deadline = Instant::now() + timeout;
+        while let Ok(line) = self
+            .lines
+            .recv_timeout(deadline.saturating_duration_since(Instant::now()))
+        {
+            let done = last(&line);
+            lines.push(line);
+            if done {
+                break;
             }
-            let out = workspace().join("target/kuasar-images/busybox.tar");
-            if !out.exists() {
-                let mut cmd = Command::new("bash");
-                cmd.arg(workspace().join("hack/build-busybox-image.sh"));
-                // Built under a private name, then renamed: another test
-                // binary may be building it at the same moment.
-                let tmp = out.with_extension(format!("tar.{}", std::process::id()));
-                let o = run_cmd(cmd.arg(&tmp), Duration::from_secs(60));
-                assert!(o.ok(), "building the busybox image: {o}");
-                std::fs::rename(&tmp, &out).expect("installing the busybox image");
-            }
-            out
-        })
-        .clone()
+        }
+        lines
+    }
+}
+
+impl Drop for EventStream {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
 }
 
 /// Directories of an env that get their own tmpfs.
@@ -155,7 +227,9 @@ impl Env {
         let log_level = std::env::var("KUASAR_SANDBOXER_LOG").unwrap_or_else(|_| "debug".into());
         std::fs::write(
             dir.join("sandboxer.toml"),
-            format!("log_level = \"{log_level}\"\n[runc]\nbinary = \"runc\"\n"),
+            format!(
+                "log_level = \"{log_level}\"\n[runc]\nbinary = \"runc\"\n[wasm]\nenabled = true\nmax_instances = 600\n"
+            ),
         )
         .unwrap();
         // containerd's state (bundles) and the sandboxer's root live on
@@ -406,6 +480,81 @@ impl Env {
             "ctr run -d {id} {cmd:?} failed: {o}\n{}",
             self.log_tails()
         );
+    }
+
+    /// Starts `ctr events` and returns once it reports events: it
+    /// subscribes asynchronously, so throw-away containers are created
+    /// until it reports one.
+    pub fn subscribe_events(&self) -> EventStream {
+        let mut cmd = self.ctr_command();
+        cmd.arg("events")
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::null());
+        let mut child = cmd.spawn().expect("starting ctr events");
+        let stdout = child.stdout.take().unwrap();
+        let (tx, rx) = std::sync::mpsc::channel::<String>();
+        std::thread::spawn(move || {
+            use std::io::BufRead;
+            for line in std::io::BufReader::new(stdout).lines() {
+                let Ok(line) = line else { break };
+                if tx.send(line).is_err() {
+                    break;
+                }
+            }
+        });
+        let events = EventStream {
+            child: Some(child),
+            lines: rx,
+        };
+        for n in 0..50 {
+            let probe = format!("probe{n}");
+            self.ctr_ok(&["container", "create", IMAGE, &probe]);
+            self.ctr_ok(&["container", "rm", &probe]);
+            let want = format!("\"id\":\"{probe}\"");
+            let seen = events.collect_until(Duration::from_millis(200), |l| l.contains(&want));
+            if seen.iter().any(|l| l.contains(&want)) {
+                return events;
+            }
+        }
+        panic!("ctr events never reported anything");
+    }
+
+    /// Imports the WASI test image (all platforms: it is wasip1/wasm only).
+    pub fn import_wasm_image(&self) {
+        let image = wasm_image();
+        self.ctr_ok(&[
+            "image",
+            "import",
+            "--all-platforms",
+            image.to_str().unwrap(),
+        ]);
+    }
+
+    /// `ctr run FLAGS… --platform wasip1/wasm --runtime kuasarwasm WASM_IMAGE
+    /// ID PROGRAM ARGS…` ready to spawn.
+    pub fn wasm_run_command(&self, flags: &[&str], id: &str, cmd: &[&str]) -> Command {
+        let mut c = self.ctr_command();
+        c.arg("run")
+            .args(flags)
+            .args([
+                "--platform",
+                "wasip1/wasm",
+                "--runtime",
+                KUASAR_WASM,
+                WASM_IMAGE,
+                id,
+            ])
+            .args(cmd);
+        c
+    }
+
+    /// [`Env::wasm_run_command`] with a one-minute bound.
+    pub fn wasm_run(&self, flags: &[&str], id: &str, cmd: &[&str]) -> Out {
+        run_cmd(
+            &mut self.wasm_run_command(flags, id, cmd),
+            Duration::from_secs(60),
+        )
     }
 
     /// The status column of `ctr task ls` for `id`.

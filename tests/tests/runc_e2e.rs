@@ -566,59 +566,10 @@ fn hostile_input_on_private_socket_is_refused_and_daemon_keeps_serving(v: Versio
 
 /// Kills a spawned child when dropped, so a failing assertion cannot leave
 /// a `ctr events` running.
-struct KillOnDrop(Option<std::process::Child>);
-
-impl Drop for KillOnDrop {
-    fn drop(&mut self) {
-        if let Some(mut c) = self.0.take() {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
-    }
-}
-
 fn task_events_reach_containerd_in_order(v: Version) {
     let rt = runtime_under_test();
     let env = Env::start(v);
-    let mut events = env.ctr_command();
-    events
-        .arg("events")
-        .stdin(std::process::Stdio::null())
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::null());
-    let mut guard = KillOnDrop(Some(events.spawn().unwrap()));
-    let stdout = guard.0.as_mut().unwrap().stdout.take().unwrap();
-    let (tx, rx) = std::sync::mpsc::channel::<String>();
-    let reader = std::thread::spawn(move || {
-        use std::io::BufRead;
-        for line in std::io::BufReader::new(stdout).lines() {
-            let Ok(line) = line else { break };
-            if tx.send(line).is_err() {
-                break;
-            }
-        }
-    });
-    // `ctr events` subscribes asynchronously: create throw-away containers
-    // until it reports one.
-    let mut subscribed = false;
-    for n in 0..50 {
-        let probe = format!("probe{n}");
-        env.ctr_ok(&["container", "create", kuasar_e2e::IMAGE, &probe]);
-        env.ctr_ok(&["container", "rm", &probe]);
-        let want = format!("\"id\":\"{probe}\"");
-        let deadline = std::time::Instant::now() + Duration::from_millis(200);
-        while let Ok(line) =
-            rx.recv_timeout(deadline.saturating_duration_since(std::time::Instant::now()))
-        {
-            if line.contains(&want) {
-                subscribed = true;
-            }
-        }
-        if subscribed {
-            break;
-        }
-    }
-    assert!(subscribed, "ctr events never reported anything");
+    let events = env.subscribe_events();
     env.run_detached(&rt, "ev1", &["sleep", "600"]);
     env.ctr_ok(&["task", "exec", "--exec-id", "x", "ev1", "true"]);
     env.ctr_ok(&["task", "pause", "ev1"]);
@@ -628,19 +579,9 @@ fn task_events_reach_containerd_in_order(v: Version) {
     env.ctr_ok(&["task", "delete", "ev1"]);
     env.ctr_ok(&["container", "rm", "ev1"]);
     // containerd's own /containers/delete comes after every task event.
-    let mut lines = Vec::new();
-    let deadline = std::time::Instant::now() + Duration::from_secs(10);
-    while let Ok(line) =
-        rx.recv_timeout(deadline.saturating_duration_since(std::time::Instant::now()))
-    {
-        let done = line.contains("/containers/delete") && line.contains("\"id\":\"ev1\"");
-        lines.push(line);
-        if done {
-            break;
-        }
-    }
-    drop(guard);
-    let _ = reader.join();
+    let lines = events.collect_until(Duration::from_secs(10), |line| {
+        line.contains("/containers/delete") && line.contains("\"id\":\"ev1\"")
+    });
     let text = lines.join("\n");
     let tasks: Vec<(&str, &str)> = text
         .lines()

@@ -17,7 +17,6 @@ use async_trait::async_trait;
 use containerd_shim_protos::api::ProcessInfo;
 use kuasar_protocol::Kind;
 use protobuf::well_known_types::any::Any;
-use protobuf::well_known_types::wrappers::StringValue;
 use tokio::io::AsyncWriteExt;
 use wasmtime::Store;
 use wasmtime_wasi::cli::{AsyncStdinStream, AsyncStdoutStream};
@@ -30,9 +29,21 @@ use super::stats::{self, Stats};
 use super::{Backend, Container, ContainerEvent, CreateRequest, EventSink};
 use crate::config::WasmConfig;
 use crate::error::{io_context, Error, Result};
-use crate::events::to_any;
 use crate::reaper::Reaper;
 use crate::stdio::{self, IoTasks};
+
+/// `containerd.types.Descriptor`, for Pids' info.
+#[derive(Clone, PartialEq, prost::Message)]
+struct ProgramDescriptor {
+    #[prost(string, tag = "1")]
+    media_type: String,
+    #[prost(string, tag = "2")]
+    digest: String,
+    #[prost(int64, tag = "3")]
+    size: i64,
+    #[prost(map = "string, string", tag = "5")]
+    annotations: std::collections::HashMap<String, String>,
+}
 
 /// Bytes a guest may have queued on stdout or stderr before a write waits.
 const OUTPUT_BUDGET: usize = 64 << 10;
@@ -81,6 +92,7 @@ impl Wasm {
         let (spec, bytes) = tokio::task::spawn_blocking(move || spec::load(&bundle))
             .await
             .map_err(|e| Error::Internal(format!("reading the bundle: {e}")))??;
+        let (digest, size) = (engine::digest(&bytes), bytes.len());
         let program = self.engine.program(bytes).await?;
         if let Program::Core { module, .. } = &*program {
             match module.get_export(&spec.function) {
@@ -162,6 +174,8 @@ impl Wasm {
             engine: self.engine.clone(),
             id: req.id,
             program,
+            digest,
+            size,
             function: spec.function,
             events: req.events,
             memory,
@@ -185,6 +199,9 @@ pub struct WasmContainer {
     engine: Arc<WasmEngine>,
     id: String,
     program: Arc<Program>,
+    /// The program's content digest and size.
+    digest: engine::ContentDigest,
+    size: usize,
     function: String,
     events: EventSink,
     memory: Arc<Memory>,
@@ -357,15 +374,33 @@ impl Container for WasmContainer {
     }
 
     async fn pids(&self) -> Result<Vec<ProcessInfo>> {
-        let mut info = StringValue::new();
-        info.value = format!(
-            "wasm instance {} runs inside kuasar-sandboxer (pid {})",
-            self.id,
-            self.pid()
-        );
+        // Described as a containerd.types.Descriptor of the program: a type
+        // every ctr can decode (ctr 2.x knows no google.protobuf wrappers).
+        let info = ProgramDescriptor {
+            media_type: if self.program.is_component() {
+                "application/vnd.bytecodealliance.wasm.component.layer.v0+wasm"
+            } else {
+                "application/vnd.w3c.wasm.module.v1+wasm"
+            }
+            .into(),
+            digest: format!("sha256:{}", engine::hex(&self.digest)),
+            size: self.size as i64,
+            annotations: [(
+                "io.kuasar.wasm.pid".to_string(),
+                format!(
+                    "wasm instance {} runs inside kuasar-sandboxer; pid {} is the daemon's",
+                    self.id,
+                    self.pid()
+                ),
+            )]
+            .into(),
+        };
+        let mut any = Any::new();
+        any.type_url = "containerd.types.Descriptor".into();
+        any.value = prost::Message::encode_to_vec(&info);
         let mut p = ProcessInfo::new();
         p.pid = self.pid();
-        p.info = Some(to_any(&info)).into();
+        p.info = Some(any).into();
         Ok(vec![p])
     }
 

@@ -243,6 +243,7 @@ async fn a_module_waiting_in_the_host_is_killed_and_counted() {
     tokio::time::sleep(Duration::from_millis(50)).await;
     let pids = c.pids().await.unwrap();
     assert_eq!(pids.len(), 1);
+    assert_eq!(pids[0].info.type_url, "containerd.types.Descriptor");
     assert!(String::from_utf8_lossy(&pids[0].info.value).contains("inside kuasar-sandboxer"));
     let stats = c.stats().await.unwrap();
     assert!(

@@ -1,0 +1,251 @@
+//! End-to-end: real containerd (1.6.20 and 2.1.9) and real ctr run WASI
+//! programs through `io.containerd.kuasarwasm.v1`: wasmtime instances inside
+//! the kuasar-sandboxer. The image (platform wasip1/wasm) holds the
+//! repository's WAT programs, compiled with the `wat` crate, and third-party
+//! WASI programs from the npm registry. Every test ends by checking that no
+//! shim process stayed and nothing was left behind.
+
+use std::io::{Read, Write};
+use std::process::Stdio;
+use std::time::Duration;
+
+use kuasar_e2e::{run_cmd, Env, Version};
+
+macro_rules! both_versions {
+    ($($name:ident),* $(,)?) => {
+        mod v1_6 { $( #[test] fn $name() { super::$name(kuasar_e2e::Version::V1_6) } )* }
+        mod v2_1 { $( #[test] fn $name() { super::$name(kuasar_e2e::Version::V2_1) } )* }
+    };
+}
+
+both_versions!(
+    output_exit_codes_and_traps_reach_ctr,
+    a_spinning_module_is_killed_and_a_task_api_round_works,
+    memory_limit_ends_the_instance_and_publishes_an_oom,
+    stdin_files_and_mounts,
+    fifty_instances_at_once_without_a_shim_process,
+    a_third_party_wasi_program_runs,
+);
+
+fn env(v: Version) -> Env {
+    let env = Env::start(v);
+    env.import_wasm_image();
+    env
+}
+
+fn output_exit_codes_and_traps_reach_ctr(v: Version) {
+    let env = env(v);
+    let o = env.wasm_run(&["--rm"], "w-hello", &["/hello.wasm"]);
+    assert!(o.ok(), "{o}\n{}", env.log_tails());
+    assert_eq!(o.stdout, "hello from wasm\n");
+    assert_eq!(o.stderr, "hello on stderr\n");
+
+    let o = env.wasm_run(&["--rm"], "w-exit", &["/exit7.wasm"]);
+    assert_eq!(o.status, Some(7), "{o}");
+
+    let o = env.wasm_run(&["--rm"], "w-trap", &["/trap.wasm"]);
+    assert_eq!(o.status, Some(134), "{o}");
+    assert_eq!(o.stdout, "about to trap\n");
+    assert!(o.stderr.contains("wasm instance trapped"), "{o}");
+    assert!(o.stderr.contains("unreachable"), "{o}");
+
+    let o = env.wasm_run(
+        &["--rm", "--env", "GREETING=hi there"],
+        "w-echo",
+        &["/echo.wasm", "one", "two words"],
+    );
+    assert!(o.ok(), "{o}");
+    let (args, environ) = o.stdout.split_once("--\n").expect("echo prints --");
+    assert_eq!(args, "/echo.wasm\none\ntwo words\n");
+    assert!(environ.lines().any(|l| l == "GREETING=hi there"), "{o}");
+
+    let o = env.wasm_run(&["--rm"], "w-component", &["/component.wasm"]);
+    assert!(o.ok(), "{o}");
+    assert_eq!(o.stdout, "hello from a wasm component\n");
+
+    // Errors at create are clear and leave nothing behind.
+    let o = env.wasm_run(&["--rm"], "w-missing", &["/nope.wasm"]);
+    assert!(!o.ok());
+    assert!(o.stderr.contains("\"/nope.wasm\" not found"), "{o}");
+    let o = env.wasm_run(&["--rm"], "w-tmp", &["/tmp"]);
+    assert!(!o.ok());
+    assert!(o.stderr.contains("not a regular file"), "{o}");
+    env.ctr(&["container", "rm", "w-missing", "w-tmp"]);
+    env.assert_clean();
+}
+
+fn a_spinning_module_is_killed_and_a_task_api_round_works(v: Version) {
+    let env = env(v);
+    // A foreground ctr learns the end from Wait: SIGKILL gives 137.
+    let mut fg = env.wasm_run_command(&["--rm"], "w-spin", &["/spin.wasm"]);
+    let waiter = std::thread::spawn(move || run_cmd(&mut fg, Duration::from_secs(60)));
+    env.wait_status("w-spin", "RUNNING");
+    let ps = env.ctr_ok(&["task", "ps", "w-spin"]);
+    assert!(ps.contains("runs inside kuasar-sandboxer"), "{ps}");
+    let metrics = env.ctr_ok(&["task", "metrics", "w-spin"]);
+    assert!(
+        metrics.contains("memory.usage_in_bytes    65536"),
+        "{metrics}"
+    );
+    env.ctr_ok(&["task", "pause", "w-spin"]);
+    env.wait_status("w-spin", "PAUSED");
+    env.ctr_ok(&["task", "resume", "w-spin"]);
+    env.wait_status("w-spin", "RUNNING");
+    let o = env.ctr(&["task", "exec", "--exec-id", "x", "w-spin", "/hello.wasm"]);
+    assert!(!o.ok());
+    assert!(
+        o.stderr
+            .contains("exec is not supported in wasm containers"),
+        "{o}"
+    );
+    env.ctr_ok(&["task", "kill", "-s", "KILL", "w-spin"]);
+    let o = waiter.join().unwrap();
+    assert_eq!(o.status, Some(137), "{o}");
+    assert_eq!(o.stdout, "spinning\n");
+
+    // SIGTERM ends it too, with 143.
+    let mut fg = env.wasm_run_command(&["--rm"], "w-term", &["/spin.wasm"]);
+    let waiter = std::thread::spawn(move || run_cmd(&mut fg, Duration::from_secs(60)));
+    env.wait_status("w-term", "RUNNING");
+    env.ctr_ok(&["task", "kill", "w-term"]);
+    assert_eq!(waiter.join().unwrap().status, Some(143));
+    env.assert_clean();
+}
+
+fn memory_limit_ends_the_instance_and_publishes_an_oom(v: Version) {
+    let env = env(v);
+    let events = env.subscribe_events();
+    let o = env.wasm_run(
+        &["--rm", "--memory-limit", "8388608"],
+        "w-hog",
+        &["/memhog.wasm"],
+    );
+    assert_eq!(o.status, Some(137), "{o}");
+    assert!(
+        o.stderr.contains("memory limit of 8388608 bytes exceeded"),
+        "{o}"
+    );
+    let lines = events.collect_until(Duration::from_secs(10), |l| {
+        l.contains("/tasks/oom") && l.contains("w-hog")
+    });
+    assert!(
+        lines.iter().any(|l| l.contains("/tasks/oom")),
+        "no /tasks/oom:\n{}",
+        lines.join("\n")
+    );
+    // The daemon serves on.
+    let o = env.wasm_run(&["--rm"], "w-after", &["/hello.wasm"]);
+    assert!(o.ok(), "{o}");
+    env.assert_clean();
+}
+
+fn stdin_files_and_mounts(v: Version) {
+    let env = env(v);
+    let mut cat = env.wasm_run_command(&["--rm"], "w-cat", &["/cat.wasm"]);
+    let mut child = cat
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut stdin = child.stdin.take().unwrap();
+    let mut stdout = child.stdout.take().unwrap();
+    let reader = std::thread::spawn(move || {
+        let mut out = String::new();
+        let _ = stdout.read_to_string(&mut out);
+        out
+    });
+    stdin
+        .write_all(b"through stdin\nand a second line\n")
+        .unwrap();
+    drop(stdin);
+    assert!(child.wait().unwrap().success());
+    assert_eq!(reader.join().unwrap(), "through stdin\nand a second line\n");
+
+    // The rootfs is the instance's "/": it writes there and reads back.
+    let o = env.wasm_run(&["--rm"], "w-files", &["/files.wasm", "written-in-rootfs"]);
+    assert!(o.ok(), "{o}");
+    assert_eq!(o.stdout, "written-in-rootfs\n");
+    // A read-write bind mount is preopened where the spec puts it.
+    let host = env.dir.join("shared");
+    std::fs::create_dir_all(&host).unwrap();
+    let rw = format!(
+        "type=bind,src={},dst=/data,options=rbind:rw",
+        host.display()
+    );
+    let o = env.wasm_run(
+        &["--rm", "--mount", &rw],
+        "w-mount",
+        &["/files.wasm", "on-the-host"],
+    );
+    assert!(o.ok(), "{o}");
+    assert_eq!(
+        std::fs::read_to_string(host.join("kuasar.txt")).unwrap(),
+        "on-the-host\n"
+    );
+    // Read-only is honoured.
+    std::fs::remove_file(host.join("kuasar.txt")).unwrap();
+    let ro = format!(
+        "type=bind,src={},dst=/data,options=rbind:ro",
+        host.display()
+    );
+    let o = env.wasm_run(&["--rm", "--mount", &ro], "w-ro", &["/files.wasm", "x"]);
+    assert_eq!(o.status, Some(2), "{o}");
+    assert!(o.stderr.contains("cannot create kuasar.txt"), "{o}");
+    assert!(!host.join("kuasar.txt").exists());
+    env.assert_clean();
+}
+
+fn fifty_instances_at_once_without_a_shim_process(v: Version) {
+    let env = env(v);
+    let ids: Vec<String> = (0..50).map(|i| format!("w-many-{i}")).collect();
+    std::thread::scope(|s| {
+        for chunk in ids.chunks(10) {
+            let env = &env;
+            s.spawn(move || {
+                for id in chunk {
+                    let o = env.wasm_run(&["-d"], id, &["/sleep.wasm"]);
+                    assert!(o.ok(), "{id}: {o}\n{}", env.log_tails());
+                }
+            });
+        }
+    });
+    let ls = env.ctr_ok(&["task", "ls"]);
+    let running = ls
+        .lines()
+        .filter(|l| l.contains("w-many-") && l.contains("RUNNING"))
+        .count();
+    assert_eq!(running, 50, "{ls}");
+    assert!(
+        env.shim_processes().is_empty(),
+        "{:?}",
+        env.shim_processes()
+    );
+    // Each ran its own instance: all report the daemon's pid.
+    let pid = env.sandboxer_pid().unwrap().to_string();
+    assert!(
+        ls.lines()
+            .filter(|l| l.contains("w-many-"))
+            .all(|l| l.contains(&pid)),
+        "{ls}"
+    );
+    for id in &ids {
+        env.ctr_ok(&["task", "kill", "-s", "KILL", id]);
+    }
+    for id in &ids {
+        env.wait_status(id, "STOPPED");
+        env.remove(id);
+    }
+    env.assert_clean();
+}
+
+fn a_third_party_wasi_program_runs(v: Version) {
+    let env = env(v);
+    let program = kuasar_e2e::wasm::third_party();
+    let mut args = vec![program.path.as_str()];
+    args.extend(program.args.iter().map(String::as_str));
+    let o = env.wasm_run(&["--rm"], "w-third", &args);
+    assert_eq!(o.status, Some(program.status), "{o}\n{}", env.log_tails());
+    assert!(o.stdout.contains(&program.expect), "{}: {o}", program.name);
+    env.assert_clean();
+}
