@@ -462,14 +462,23 @@ fn set_nonblocking(fd: RawFd) -> io::Result<()> {
 }
 
 /// A writer for any descriptor: pollable ones (pipes, FIFOs, terminals)
-/// through the reactor, regular files through tokio's file.
+/// through the reactor, the rest (regular files, /dev/null) through tokio's
+/// file.
 pub fn writer(fd: OwnedFd) -> io::Result<Pin<Box<dyn AsyncWrite + Send + Sync>>> {
     let raw = fd.as_raw_fd();
     let stat = nix::sys::stat::fstat(raw).map_err(io::Error::from)?;
     if stat.st_mode & libc::S_IFMT == libc::S_IFREG {
         return Ok(Box::pin(tokio::fs::File::from_std(std::fs::File::from(fd))));
     }
-    Ok(Box::pin(FdStream::new(fd)?))
+    let fallback = fd.try_clone()?;
+    match FdStream::new(fd) {
+        Ok(s) => Ok(Box::pin(s)),
+        // epoll refuses what cannot block, such as /dev/null.
+        Err(e) if e.raw_os_error() == Some(libc::EPERM) => Ok(Box::pin(tokio::fs::File::from_std(
+            std::fs::File::from(fallback),
+        ))),
+        Err(e) => Err(e),
+    }
 }
 
 /// Non-blocking reads and writes on a pollable descriptor. A terminal

@@ -2,6 +2,7 @@
 //! kuasar-sandboxer, in a private directory, with everything stopped,
 //! unmounted and removed on drop — also when a test panics.
 
+pub mod bench;
 pub mod cgroup;
 pub mod cmd;
 pub mod wasm;
@@ -90,7 +91,7 @@ pub fn kuasar_bin_dir() -> PathBuf {
     workspace().join("target/debug")
 }
 
-/// An image archive: `$env_var`, else built once by `hack/$script` into
+/// An image archive: `$env_var`, else built by `hack/$script` into
 /// target/kuasar-images/`file`.
 fn built_image(
     cell: &'static OnceLock<PathBuf>,
@@ -102,19 +103,18 @@ fn built_image(
         if let Some(p) = std::env::var_os(env_var) {
             return p.into();
         }
+        // Built once per test process, so that it always holds the current
+        // programs; under a private name, then renamed, as another test
+        // binary may be building it at the same moment.
         let out = workspace().join("target/kuasar-images").join(file);
-        if !out.exists() {
-            std::fs::create_dir_all(out.parent().unwrap()).unwrap();
-            let mut cmd = Command::new("bash");
-            cmd.arg(workspace().join("hack").join(script))
-                .env("KUASAR_BIN_DIR", kuasar_bin_dir());
-            // Built under a private name, then renamed: another test
-            // binary may be building it at the same moment.
-            let tmp = out.with_extension(format!("tar.{}", std::process::id()));
-            let o = run_cmd(cmd.arg(&tmp), Duration::from_secs(120));
-            assert!(o.ok(), "building {file} with {script}: {o}");
-            std::fs::rename(&tmp, &out).expect("installing the image");
-        }
+        std::fs::create_dir_all(out.parent().unwrap()).unwrap();
+        let mut cmd = Command::new("bash");
+        cmd.arg(workspace().join("hack").join(script))
+            .env("KUASAR_BIN_DIR", kuasar_bin_dir());
+        let tmp = out.with_extension(format!("tar.{}", std::process::id()));
+        let o = run_cmd(cmd.arg(&tmp), Duration::from_secs(120));
+        assert!(o.ok(), "building {file} with {script}: {o}");
+        std::fs::rename(&tmp, &out).expect("installing the image");
         out
     })
     .clone()

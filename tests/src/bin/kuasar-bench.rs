@@ -7,6 +7,7 @@ use std::path::Path;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
+use kuasar_e2e::bench::{ms, percentile, print_table, pss_kb, push_latency_rows, Row};
 use kuasar_e2e::{kuasar_bin_dir, processes, run_cmd, Env, Version, KUASAR_RUNC, RUNC_V2};
 
 struct Opts {
@@ -78,16 +79,6 @@ fn usage(msg: &str) -> ! {
     }
     eprintln!("usage: kuasar-bench [--containerd 1.6|2.1] [--serial N] [--parallel N] [--shim-starts N] [--pss 1,10,50]");
     std::process::exit(2)
-}
-
-fn percentile(mut v: Vec<f64>, p: f64) -> f64 {
-    v.sort_by(|a, b| a.partial_cmp(b).unwrap());
-    let idx = ((v.len() as f64 - 1.0) * p).round() as usize;
-    v[idx]
-}
-
-fn ms(d: Duration) -> f64 {
-    d.as_secs_f64() * 1000.0
 }
 
 /// Wall time of `<shim> start` for a fresh bundle, as containerd runs it.
@@ -173,17 +164,6 @@ fn remove_all(env: &Env, ids: &[String]) {
     }
 }
 
-fn pss_kb(pid: u32) -> u64 {
-    std::fs::read_to_string(format!("/proc/{pid}/smaps_rollup"))
-        .unwrap_or_default()
-        .lines()
-        .find_map(|l| {
-            l.strip_prefix("Pss:")
-                .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-        })
-        .unwrap_or(0)
-}
-
 /// Summed PSS of every management process for `runtime` in this env:
 /// shims, plus the sandboxer for kuasar.
 fn management_pss_kb(env: &Env, runtime: &str) -> (u64, usize) {
@@ -203,29 +183,6 @@ fn management_pss_kb(env: &Env, runtime: &str) -> (u64, usize) {
         pids.extend(env.sandboxer_pid());
     }
     (pids.iter().map(|p| pss_kb(*p)).sum(), pids.len())
-}
-
-struct Row {
-    metric: String,
-    runc: f64,
-    kuasar: f64,
-    unit: &'static str,
-}
-
-/// The median and p90 rows of one latency workload, in milliseconds.
-fn push_latency_rows(rows: &mut Vec<Row>, what: &str, runc: Vec<f64>, kuasar: Vec<f64>) {
-    rows.push(Row {
-        metric: format!("{what}, median of {}", runc.len()),
-        runc: percentile(runc.clone(), 0.5),
-        kuasar: percentile(kuasar.clone(), 0.5),
-        unit: "ms",
-    });
-    rows.push(Row {
-        metric: format!("{what}, p90"),
-        runc: percentile(runc, 0.9),
-        kuasar: percentile(kuasar, 0.9),
-        unit: "ms",
-    });
 }
 
 fn main() {
@@ -315,21 +272,6 @@ fn main() {
     println!(
         "\ncontainerd {ver}: containerd-shim-runc-v2 vs kuasarrunc (same containerd, one run)\n"
     );
-    println!("| metric | runc-v2 | kuasarrunc | ratio |");
-    println!("|---|---:|---:|---:|");
-    for r in rows {
-        println!(
-            "| {} | {:.2} {u} | {:.2} {u} | {:.3}x |",
-            r.metric,
-            r.runc,
-            r.kuasar,
-            if r.runc > 0.0 {
-                r.kuasar / r.runc
-            } else {
-                f64::NAN
-            },
-            u = r.unit
-        );
-    }
+    print_table("runc-v2", "kuasarrunc", &rows);
     env.assert_clean();
 }

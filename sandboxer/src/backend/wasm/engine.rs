@@ -6,7 +6,7 @@
 use std::collections::HashMap;
 use std::hash::{Hash, Hasher};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -79,6 +79,8 @@ pub struct WasmEngine {
     /// Instances running now; the ticker sleeps while there are none.
     running: Arc<AtomicUsize>,
     ticker: std::thread::Thread,
+    /// Ends the ticker with the engine.
+    stopped: Arc<AtomicBool>,
     /// `<root>/wasm/<engine compatibility hash>/`: precompiled programs.
     cache_dir: PathBuf,
     cached: Mutex<HashMap<ContentDigest, Arc<OnceCell<Arc<Program>>>>>,
@@ -91,6 +93,8 @@ impl Drop for WasmEngine {
         if let Some(rt) = self.runtime.take() {
             rt.shutdown_background();
         }
+        self.stopped.store(true, Ordering::SeqCst);
+        self.ticker.unpark();
     }
 }
 
@@ -145,12 +149,17 @@ impl WasmEngine {
         let handle = runtime.handle().clone();
 
         let running = Arc::new(AtomicUsize::new(0));
+        let stopped = Arc::new(AtomicBool::new(false));
         let ticker = {
             let engine = engine.clone();
             let running = running.clone();
+            let stopped = stopped.clone();
             std::thread::Builder::new()
                 .name("wasm-epoch".into())
                 .spawn(move || loop {
+                    if stopped.load(Ordering::SeqCst) {
+                        return;
+                    }
                     if running.load(Ordering::SeqCst) == 0 {
                         std::thread::park();
                         continue;
@@ -177,6 +186,7 @@ impl WasmEngine {
             handle,
             running,
             ticker,
+            stopped,
             cache_dir,
             cached: Mutex::new(HashMap::new()),
             cache_capacity: cfg.cached_modules,

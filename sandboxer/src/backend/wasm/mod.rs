@@ -49,20 +49,38 @@ struct ProgramDescriptor {
 const OUTPUT_BUDGET: usize = 64 << 10;
 
 pub struct Wasm {
-    engine: Arc<WasmEngine>,
+    root: std::path::PathBuf,
+    config: WasmConfig,
+    /// Made at the first wasm container: a node that runs none pays
+    /// nothing for the engine, its threads or its pools.
+    engine: Mutex<Option<Arc<WasmEngine>>>,
     reaper: Arc<Reaper>,
 }
 
 impl Wasm {
     pub fn new(root: &std::path::Path, cfg: &WasmConfig, reaper: Arc<Reaper>) -> Result<Wasm> {
+        if cfg.max_instances == 0 || cfg.max_memory_mib == 0 || cfg.threads == 0 {
+            return Err(Error::InvalidArgument(
+                "[wasm] max_instances, max_memory_mib and threads must be at least 1".into(),
+            ));
+        }
         Ok(Wasm {
-            engine: Arc::new(WasmEngine::new(root, cfg)?),
+            root: root.to_path_buf(),
+            config: cfg.clone(),
+            engine: Mutex::new(None),
             reaper,
         })
     }
 
-    pub fn engine(&self) -> &Arc<WasmEngine> {
-        &self.engine
+    /// The engine, made now if this is the first wasm container.
+    pub fn engine(&self) -> Result<Arc<WasmEngine>> {
+        let mut engine = self.engine.lock().unwrap();
+        if let Some(e) = &*engine {
+            return Ok(e.clone());
+        }
+        let made = Arc::new(WasmEngine::new(&self.root, &self.config)?);
+        *engine = Some(made.clone());
+        Ok(made)
     }
 }
 
@@ -93,7 +111,8 @@ impl Wasm {
             .await
             .map_err(|e| Error::Internal(format!("reading the bundle: {e}")))??;
         let (digest, size) = (engine::digest(&bytes), bytes.len());
-        let program = self.engine.program(bytes).await?;
+        let engine = self.engine()?;
+        let program = engine.program(bytes).await?;
         if let Program::Core { module, .. } = &*program {
             match module.get_export(&spec.function) {
                 Some(wasmtime::ExternType::Func(_)) => {}
@@ -144,7 +163,7 @@ impl Wasm {
         let store = {
             // Streams register with the reactor of the threads that run
             // the instance.
-            let _runtime = self.engine.handle.enter();
+            let _runtime = engine.handle.enter();
             let out = stdio::writer(outputs.stdout).map_err(io_context("watching stdout"))?;
             let err = stdio::writer(outputs.stderr).map_err(io_context("watching stderr"))?;
             wasi.stdout(AsyncStdoutStream::new(OUTPUT_BUDGET, out))
@@ -154,7 +173,7 @@ impl Wasm {
                 wasi.stdin(AsyncStdinStream::new(from));
             }
             let mut store = Store::new(
-                &self.engine.engine,
+                &engine.engine,
                 State {
                     wasi: wasi.build_p1(),
                     limits: Limiter {
@@ -171,7 +190,7 @@ impl Wasm {
         tracing::debug!(id = %req.id, program = %spec.program_path,
             component = program.is_component(), "wasm instance created");
         Ok(WasmContainer {
-            engine: self.engine.clone(),
+            engine: engine.clone(),
             id: req.id,
             program,
             digest,

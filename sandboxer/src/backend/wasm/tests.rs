@@ -366,11 +366,11 @@ async fn compiled_programs_are_cached_in_memory_and_on_disk() {
     let path;
     {
         let wasm = backend(&root);
-        assert!(!wasm.engine.is_cached(&key));
+        assert!(!wasm.engine().unwrap().is_cached(&key));
         let b = Bundle::new(dir.path(), "one", &bytes, &[], serde_json::json!({}));
         assert_eq!(run(&wasm, &b).await, 0);
-        assert!(wasm.engine.is_cached(&key));
-        path = wasm.engine.precompiled_path(&key);
+        assert!(wasm.engine().unwrap().is_cached(&key));
+        path = wasm.engine().unwrap().precompiled_path(&key);
         assert!(path.exists());
     }
     let written = std::fs::metadata(&path).unwrap().modified().unwrap();
@@ -439,9 +439,9 @@ async fn a_host_panic_ends_only_its_instance() {
     let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
     let notice = dir.path().join("notice");
     let fd: OwnedFd = std::fs::File::create(&notice).unwrap().into();
-    let guard = wasm.engine.running();
+    let guard = wasm.engine().unwrap().running();
     monitor(
-        &wasm.engine,
+        &wasm.engine().unwrap(),
         async { panic!("host code failed") },
         guard,
         fd,
@@ -486,4 +486,23 @@ async fn two_hundred_instances_see_only_their_own_files_and_output() {
         assert_eq!(exit_of(rx).await, 0, "{}", b.stderr());
         assert_eq!(b.stdout(), format!("instance-{i}\n"));
     }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn no_stdio_means_dev_null() {
+    let dir = tempfile::tempdir().unwrap();
+    let wasm = backend(&dir.path().join("root"));
+    let b = Bundle::new(
+        dir.path(),
+        "null",
+        &wat("hello"),
+        &[],
+        serde_json::json!({}),
+    );
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+    let mut req = b.request(tx);
+    req.stdio = StdioPaths::default();
+    let c = wasm.create_instance(req).await.unwrap();
+    c.start().await.unwrap();
+    assert_eq!(exit_of(&mut rx).await, 0);
 }
