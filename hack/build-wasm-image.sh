@@ -7,7 +7,9 @@
 #
 # REF defaults to docker.io/kuasar/wasm-test:latest. DIR holds the programs
 # (*.wasm); it defaults to the repository's WAT test programs, compiled by
-# target/release/kuasar-wasm-programs (cargo build --release -p kuasar-e2e).
+# target/release/kuasar-wasm-programs (cargo build --release -p kuasar-e2e),
+# and the third-party programs hack/fetch-wasi-programs.sh installed in
+# ${KUASAR_DEPS:-/opt/kuasar-deps}/wasi.
 # Import with `ctr image import --all-platforms` and run with
 # `ctr run --platform wasip1/wasm --runtime io.containerd.kuasarwasm.v1`.
 # Reproducible: the same programs always give the same digests.
@@ -30,6 +32,9 @@ if [ -z "$DIR" ]; then
   [ -x "$COMPILER" ] || { echo "$0: $COMPILER missing: cargo build --release -p kuasar-e2e" >&2; exit 1; }
   DIR=$WORK/programs
   "$COMPILER" "$DIR"
+  for f in "${KUASAR_DEPS:-/opt/kuasar-deps}"/wasi/*.wasm; do
+    [ -e "$f" ] && cp "$f" "$DIR/"
+  done
 fi
 ROOT=$WORK/rootfs
 mkdir -p "$ROOT/tmp"

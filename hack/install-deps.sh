@@ -37,3 +37,6 @@ fi
 "$PREFIX/containerd-2/usr/bin/containerd" --version
 containerd --version
 runc --version | head -1
+# Third-party WASI programs for the wasm tests.
+bash "$(dirname -- "${BASH_SOURCE[0]}")/fetch-wasi-programs.sh" >/dev/null
+echo "WASI programs: $(ls "$PREFIX/wasi" | tr '\n' ' ')"

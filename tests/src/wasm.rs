@@ -21,18 +21,3 @@ pub fn compile_all(src: &Path, out: &Path) -> Result<Vec<String>, String> {
     names.sort();
     Ok(names)
 }
-
-/// A third-party WASI program in the test image, and how to check it ran.
-pub struct ThirdParty {
-    pub name: &'static str,
-    /// Where it is in the image.
-    pub path: String,
-    pub args: Vec<String>,
-    pub status: i32,
-    /// Text its output must hold.
-    pub expect: String,
-}
-
-pub fn third_party() -> ThirdParty {
-    unimplemented!("no third-party WASI program chosen yet")
-}
