@@ -81,3 +81,45 @@ oci_image() {
   mv -f "$tmp" "$out"
   echo "$out: $ref (manifest sha256:$manifest)"
 }
+
+# A wasm artifact image: FILE is the image's only layer, as is (media type
+# MEDIA_TYPE, titled with its file name), not a tar; platform wasip1/wasm.
+#
+#   oci_wasm_artifact FILE OUT REF MEDIA_TYPE
+oci_wasm_artifact() {
+  local file=$1 out=$2 ref=$3 media_type=$4
+  [[ $ref =~ ^[A-Za-z0-9][A-Za-z0-9._/:-]*:[A-Za-z0-9._-]+$ ]] || { echo "give a tagged reference: $ref" >&2; return 2; }
+  local tag=${ref##*:} title; title=$(basename -- "$file")
+  local work; work=$(mktemp -d "${TMPDIR:-/tmp}/oci-artifact.XXXXXX")
+  # shellcheck disable=SC2064
+  trap "rm -rf '$work'" RETURN
+  local blobs=$work/layout/blobs/sha256
+  mkdir -p "$blobs"
+  sha() { sha256sum "$1" | cut -d' ' -f1; }
+  size() { stat -c %s "$1"; }
+  put_blob() { local h; h=$(sha "$1"); cp "$1" "$blobs/$h"; echo "$h"; }
+  local layer layer_size; layer=$(put_blob "$file"); layer_size=$(size "$file")
+  printf '%s' '{"architecture":"wasm","os":"wasip1","config":{},"rootfs":{"type":"layers","diff_ids":[]}}' \
+    > "$work/config.json"
+  local config config_size; config_size=$(size "$work/config.json"); config=$(put_blob "$work/config.json")
+  printf '%s' \
+    '{"schemaVersion":2,"mediaType":"application/vnd.oci.image.manifest.v1+json",' \
+    '"config":{"mediaType":"application/vnd.oci.image.config.v1+json","digest":"sha256:'"$config"'","size":'"$config_size"'},' \
+    '"layers":[{"mediaType":"'"$media_type"'","digest":"sha256:'"$layer"'","size":'"$layer_size"',' \
+    '"annotations":{"org.opencontainers.image.title":"'"$title"'"}}]}' > "$work/manifest.json"
+  local manifest manifest_size; manifest_size=$(size "$work/manifest.json"); manifest=$(put_blob "$work/manifest.json")
+  printf '%s' '{"imageLayoutVersion":"1.0.0"}' > "$work/layout/oci-layout"
+  printf '%s' \
+    '{"schemaVersion":2,"mediaType":"application/vnd.oci.image.index.v1+json",' \
+    '"manifests":[{"mediaType":"application/vnd.oci.image.manifest.v1+json",' \
+    '"digest":"sha256:'"$manifest"'","size":'"$manifest_size"',' \
+    '"platform":{"architecture":"wasm","os":"wasip1"},' \
+    '"annotations":{"io.containerd.image.name":"'"$ref"'","org.opencontainers.image.ref.name":"'"$tag"'"}}]}' \
+    > "$work/layout/index.json"
+  chmod 0644 "$work/layout/oci-layout" "$work/layout/index.json" "$blobs"/*
+  mkdir -p "$(dirname -- "$out")"
+  local tmp=$out.partial.$$
+  oci_det_tar "$work/layout" "$tmp" oci-layout index.json blobs
+  mv -f "$tmp" "$out"
+  echo "$out: $ref (manifest sha256:$manifest)"
+}

@@ -42,6 +42,8 @@ pub struct Sandbox {
     pub address: String,
     /// containerd's ttrpc socket, for this sandbox's events.
     pub ttrpc_address: Mutex<String>,
+    /// containerd's gRPC socket, to read images from its content store.
+    pub grpc_address: Mutex<String>,
     /// Containers resolved to this sandbox and not yet deleted.
     members: Mutex<HashSet<String>>,
     listener: Mutex<Option<JoinHandle<()>>>,
@@ -63,6 +65,10 @@ struct SandboxRecord<'a> {
 impl Sandbox {
     pub fn ttrpc_address(&self) -> String {
         self.ttrpc_address.lock().unwrap().clone()
+    }
+
+    pub fn grpc_address(&self) -> String {
+        self.grpc_address.lock().unwrap().clone()
     }
 
     pub fn add_member(&self, id: &str) {
@@ -330,6 +336,9 @@ impl Daemon {
         if !req.ttrpc_address.is_empty() {
             *sandbox.ttrpc_address.lock().unwrap() = req.ttrpc_address.clone();
         }
+        if !req.grpc_address.is_empty() {
+            *sandbox.grpc_address.lock().unwrap() = req.grpc_address.clone();
+        }
         sandbox.add_member(&req.id);
         self.save_sandbox(&sandbox);
         tracing::info!(namespace = %req.namespace, id = %req.id, sandbox = %sandbox.id, "resolved");
@@ -362,6 +371,7 @@ impl Daemon {
             address: format!("unix://{}", socket.display()),
             socket,
             ttrpc_address: Mutex::new(String::new()),
+            grpc_address: Mutex::new(String::new()),
             members: Mutex::new(HashSet::new()),
             listener: Mutex::new(None),
             listen_fd,
@@ -438,6 +448,7 @@ impl Daemon {
                 socket: s.socket.clone(),
                 address: s.address.clone(),
                 ttrpc_address: s.ttrpc_address(),
+                grpc_address: s.grpc_address(),
                 members: s.members.lock().unwrap().iter().cloned().collect(),
                 fd: s.listen_fd.as_raw_fd(),
             })
@@ -454,6 +465,7 @@ impl Daemon {
             socket: h.socket,
             address: h.address,
             ttrpc_address: Mutex::new(h.ttrpc_address),
+            grpc_address: Mutex::new(h.grpc_address),
             members: Mutex::new(h.members.into_iter().collect()),
             listener: Mutex::new(None),
             listen_fd,

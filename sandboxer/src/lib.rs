@@ -4,6 +4,7 @@
 
 pub mod backend;
 pub mod config;
+pub mod containerd;
 pub mod control;
 pub mod daemon;
 pub mod error;

@@ -45,6 +45,8 @@ pub struct SandboxHandover {
     pub socket: PathBuf,
     pub address: String,
     pub ttrpc_address: String,
+    #[serde(default)]
+    pub grpc_address: String,
     pub members: Vec<String>,
     /// The listening socket.
     pub fd: RawFd,
@@ -436,6 +438,7 @@ mod tests {
                 socket: "/run/k/t/x.sock".into(),
                 address: "unix:///run/k/t/x.sock".into(),
                 ttrpc_address: "/run/containerd/containerd.sock.ttrpc".into(),
+                grpc_address: "/run/containerd/containerd.sock".into(),
                 members: vec!["pod".into(), "c1".into()],
                 fd: 4,
             }],

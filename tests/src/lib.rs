@@ -145,6 +145,37 @@ pub fn wasm_image() -> PathBuf {
     )
 }
 
+/// A wasm artifact image of the WAT program `name` (hello, component...):
+/// the compiled program is the image's one layer, not a file in a tar
+/// (hack/build-wasm-image.sh --artifact). Returns the archive and the
+/// image's name.
+pub fn wasm_artifact_image(name: &str) -> (PathBuf, String) {
+    static SEQ: AtomicU32 = AtomicU32::new(0);
+    let unique = format!(
+        "{}.{}",
+        std::process::id(),
+        SEQ.fetch_add(1, Ordering::Relaxed)
+    );
+    let dir = workspace().join("target/kuasar-images");
+    let programs = dir.join(format!("programs.{unique}"));
+    wasm::compile_all(&workspace().join("tests/wasm"), &programs)
+        .expect("compiling the WAT programs");
+    let reference = format!("docker.io/kuasar/wasm-artifact-{name}:latest");
+    let out = dir.join(format!("wasm-artifact-{name}.tar"));
+    let tmp = out.with_extension(format!("tar.{unique}"));
+    let mut cmd = Command::new("bash");
+    cmd.arg(workspace().join("hack/build-wasm-image.sh"))
+        .arg("--artifact")
+        .arg(&tmp)
+        .arg(&reference)
+        .arg(programs.join(format!("{name}.wasm")));
+    let o = run_cmd(&mut cmd, Duration::from_secs(60));
+    let _ = std::fs::remove_dir_all(&programs);
+    assert!(o.ok(), "building the {name} artifact image: {o}");
+    std::fs::rename(&tmp, &out).expect("installing the image");
+    (out, reference)
+}
+
 /// `ctr events` of an env, subscribed: see [`Env::subscribe_events`].
 pub struct EventStream {
     child: Option<Child>,

@@ -25,6 +25,7 @@ both_versions!(
     stdin_files_and_mounts,
     fifty_instances_at_once_without_a_shim_process,
     a_third_party_wasi_program_runs,
+    programs_as_wasm_layers_of_an_image,
 );
 
 fn env(v: Version) -> Env {
@@ -286,5 +287,50 @@ fn a_third_party_wasi_program_runs(v: Version) {
     );
     assert!(stdout.starts_with("sat\n"), "{stdout}");
     assert!(stdout.contains("((x #b00000101))"), "{stdout}");
+    env.assert_clean();
+}
+
+/// Images whose one layer is the program itself (a wasm artifact, not a
+/// tar). containerd 1.6 cannot unpack them (its own error, before any
+/// runtime is asked); containerd 2.1 makes an empty rootfs and kuasar reads
+/// the program from the image's layer in containerd's content store.
+fn programs_as_wasm_layers_of_an_image(v: Version) {
+    let env = env(v);
+    for program in ["hello", "component"] {
+        let (tar, reference) = kuasar_e2e::wasm_artifact_image(program);
+        let import = env.ctr(&["image", "import", "--all-platforms", tar.to_str().unwrap()]);
+        let id = format!("w-layer-{program}");
+        let mut run = env.ctr_command();
+        run.args([
+            "run",
+            "--rm",
+            "--platform",
+            "wasip1/wasm",
+            "--runtime",
+            kuasar_e2e::KUASAR_WASM,
+        ])
+        .args([reference.as_str(), id.as_str(), &format!("{program}.wasm")]);
+        let o = run_cmd(&mut run, Duration::from_secs(60));
+        match v {
+            Version::V1_6 => {
+                let text = format!("{import}{o}");
+                assert!(
+                    text.contains("mismatched image rootfs and manifest layers"),
+                    "{text}"
+                );
+                assert!(!o.ok());
+                let _ = env.ctr(&["container", "rm", &id]);
+            }
+            Version::V2_1 => {
+                assert!(import.ok(), "{import}");
+                assert!(o.ok(), "{o}\n{}", env.log_tails());
+                let want = match program {
+                    "hello" => "hello from wasm\n",
+                    _ => "hello from a wasm component\n",
+                };
+                assert_eq!(o.stdout, want);
+            }
+        }
+    }
     env.assert_clean();
 }

@@ -39,6 +39,8 @@ pub struct CreateRequest {
     pub bundle: PathBuf,
     pub stdio: StdioPaths,
     pub events: EventSink,
+    /// containerd's gRPC socket (empty if unknown), where its images are.
+    pub containerd: String,
 }
 
 /// A container a predecessor daemon ran (live upgrade): what is known of

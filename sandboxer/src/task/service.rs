@@ -250,6 +250,7 @@ impl TaskService {
                 bundle: bundle.clone(),
                 stdio: stdio.clone(),
                 events: events_tx,
+                containerd: self.sandbox.grpc_address(),
             })
             .await;
         let container = match created {

@@ -106,6 +106,7 @@ async fn one_start(wasm: &Wasm, bundle: &Path) -> (f64, f64) {
         bundle: bundle.to_path_buf(),
         stdio: StdioPaths::default(),
         events: tx,
+        containerd: String::new(),
     };
     let t = Instant::now();
     let c = wasm.create(req).await.expect("create");

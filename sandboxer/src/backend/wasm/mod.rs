@@ -4,6 +4,7 @@
 
 mod engine;
 mod instance;
+mod layers;
 mod spec;
 #[cfg(test)]
 mod tests;
@@ -105,11 +106,47 @@ impl Backend for Wasm {
 }
 
 impl Wasm {
+    /// Not in the rootfs: the program may be a wasm layer of the image.
+    async fn program_from_image(
+        &self,
+        req: &CreateRequest,
+        spec: &mut spec::InstanceSpec,
+    ) -> Result<Vec<u8>> {
+        let not_found = |why: String| {
+            Error::NotFound(format!(
+                "wasm program {:?} not found in the container's rootfs{why}",
+                spec.program_path
+            ))
+        };
+        if req.containerd.is_empty() {
+            return Err(not_found(String::new()));
+        }
+        match layers::program_from_image(
+            &req.containerd,
+            &req.namespace,
+            &req.id,
+            &spec.program_path,
+        )
+        .await
+        {
+            Ok((from, bytes)) => {
+                spec.program_path = from;
+                Ok(bytes)
+            }
+            Err(Error::NotFound(why)) => Err(not_found(format!(", nor as a wasm layer ({why})"))),
+            Err(e) => Err(e),
+        }
+    }
+
     async fn create_instance(&self, req: CreateRequest) -> Result<WasmContainer> {
         let bundle = req.bundle.clone();
-        let (spec, bytes) = tokio::task::spawn_blocking(move || spec::load(&bundle))
+        let (mut spec, bytes) = tokio::task::spawn_blocking(move || spec::load(&bundle))
             .await
             .map_err(|e| Error::Internal(format!("reading the bundle: {e}")))??;
+        let bytes = match bytes {
+            Some(b) => b,
+            None => self.program_from_image(&req, &mut spec).await?,
+        };
         let (digest, size) = (engine::digest(&bytes), bytes.len());
         let engine = self.engine()?;
         let program = engine.program(bytes).await?;

@@ -31,7 +31,8 @@ pub struct InstanceSpec {
     pub cwd: String,
     /// The core module export to call (components run `wasi:cli/run`).
     pub function: String,
-    /// Where the program was found, inside the rootfs.
+    /// Where the program was found, inside the rootfs (or, not found there,
+    /// the name asked for).
     pub program_path: String,
     pub preopens: Vec<Preopen>,
     /// Bytes; 0 means none.
@@ -42,8 +43,9 @@ fn invalid(msg: impl Into<String>) -> Error {
     Error::InvalidArgument(msg.into())
 }
 
-/// Reads the bundle's spec and the program it names.
-pub fn load(bundle: &Path) -> Result<(InstanceSpec, Vec<u8>)> {
+/// Reads the bundle's spec and the program it names; `None` when the
+/// rootfs has no such file.
+pub fn load(bundle: &Path) -> Result<(InstanceSpec, Option<Vec<u8>>)> {
     let path = bundle.join("config.json");
     let text = std::fs::read(&path).map_err(io_context(format!("reading {}", path.display())))?;
     let spec: Spec =
@@ -132,7 +134,11 @@ pub fn load(bundle: &Path) -> Result<(InstanceSpec, Vec<u8>)> {
         .find(|(k, _)| k == "PATH")
         .map(|(_, v)| v.as_str())
         .unwrap_or("/usr/local/bin:/usr/bin:/bin");
-    let (program_path, bytes) = read_program(&rootfs, &program, &cwd, search_path)?;
+    let (program_path, bytes) = match read_program(&rootfs, &program, &cwd, search_path) {
+        Ok((path, bytes)) => (path, Some(bytes)),
+        Err(Error::NotFound(_)) => (program, None),
+        Err(e) => return Err(e),
+    };
     Ok((
         InstanceSpec {
             args,
@@ -279,7 +285,7 @@ mod tests {
         });
         std::fs::write(bundle.join("config.json"), config.to_string()).unwrap();
         let (s, bytes) = load(bundle).unwrap();
-        assert_eq!(bytes.len(), 8);
+        assert_eq!(bytes.unwrap().len(), 8);
         assert_eq!(s.args, vec!["/hello.wasm", "a"]);
         assert_eq!(s.function, "main");
         assert_eq!(

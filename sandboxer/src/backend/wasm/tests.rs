@@ -69,6 +69,7 @@ impl Bundle {
                 terminal: false,
             },
             events,
+            containerd: String::new(),
         }
     }
 
