@@ -19,6 +19,8 @@ say "building the workspace (release)"
 cargo build --release --workspace
 IMAGE_TAR=target/kuasar-images/busybox.tar
 bash hack/build-busybox-image.sh "$IMAGE_TAR"
+WASM_TAR=target/kuasar-images/wasm-test.tar
+bash hack/build-wasm-image.sh "$WASM_TAR"
 
 # shellcheck source=hack/lib/containerd-env.sh
 source hack/lib/containerd-env.sh
@@ -37,6 +39,7 @@ trap 'exit 130' INT TERM
 say "starting containerd 1.6 (/usr/bin/containerd) and kuasar-sandboxer in $DIR"
 kuasar_env_up 1.6 "$DIR"
 kuasar_ctr image import "$IMAGE_TAR"
+kuasar_ctr image import --all-platforms "$WASM_TAR"
 IMG=docker.io/library/busybox:latest
 RT=io.containerd.kuasarrunc.v1
 
@@ -46,6 +49,14 @@ say "ctr run --rm --runtime $RT $IMG demo echo hello from kuasar"
 out=$(kuasar_ctr run --rm "${KUASAR_RUN_FLAGS[@]}" --runtime "$RT" "$IMG" demo echo hello from kuasar)
 echo "$out"
 [ "$out" = "hello from kuasar" ] || fail "unexpected output from the demo container"
+
+WRT=io.containerd.kuasarwasm.v1
+WIMG=docker.io/kuasar/wasm-test:latest
+say "a WASI program: ctr run --rm --platform wasip1/wasm --runtime $WRT $WIMG wdemo /hello.wasm"
+out=$(kuasar_ctr run --rm --fifo-dir "$DIR/fifo" --platform wasip1/wasm --runtime "$WRT" "$WIMG" wdemo /hello.wasm 2>/dev/null)
+echo "$out"
+[ "$out" = "hello from wasm" ] || fail "unexpected output from the wasm container"
+echo "  (a wasmtime instance inside kuasar-sandboxer: no process was started for it)"
 
 say "three detached containers: ctr run -d --runtime $RT $IMG demoN sleep 600"
 for i in 1 2 3; do

@@ -21,8 +21,8 @@ step "cargo fmt --all -- --check"
 cargo fmt --all -- --check
 step "cargo clippy --release --workspace --all-targets -- -D warnings"
 cargo clippy --release --workspace --all-targets -- -D warnings
-step "cargo test --release --workspace -- --test-threads=2"
+step "cargo test --release --workspace --no-fail-fast -- --test-threads=2"
 KUASAR_BIN_DIR=$PWD/target/release \
 KUASAR_BUSYBOX_IMAGE=$PWD/target/kuasar-images/busybox.tar \
-  cargo test --release --workspace -- --test-threads=2
+  cargo test --release --workspace --no-fail-fast -- --test-threads=2
 step "all tests passed"
