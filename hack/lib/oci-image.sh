@@ -19,6 +19,26 @@ oci_det_tar() { # oci_det_tar DIR OUT NAMES...
       --mtime="@$OCI_MTIME" --owner=root:0 --group=root:0 --no-acls --no-xattrs --no-selinux "$@"
 }
 
+# The index naming REF, the layout marker, and the archive, written under a
+# private name and renamed (readers never see half a file).
+_oci_finish() { # _oci_finish WORK OUT REF TAG MANIFEST MANIFEST_SIZE OS ARCH
+  local work=$1 out=$2 ref=$3 tag=$4 manifest=$5 manifest_size=$6 os=$7 arch=$8
+  printf '%s' '{"imageLayoutVersion":"1.0.0"}' > "$work/layout/oci-layout"
+  printf '%s' \
+    '{"schemaVersion":2,"mediaType":"application/vnd.oci.image.index.v1+json",' \
+    '"manifests":[{"mediaType":"application/vnd.oci.image.manifest.v1+json",' \
+    '"digest":"sha256:'"$manifest"'","size":'"$manifest_size"',' \
+    '"platform":{"architecture":"'"$arch"'","os":"'"$os"'"},' \
+    '"annotations":{"io.containerd.image.name":"'"$ref"'","org.opencontainers.image.ref.name":"'"$tag"'"}}]}' \
+    > "$work/layout/index.json"
+  chmod 0644 "$work/layout/oci-layout" "$work/layout/index.json" "$work"/layout/blobs/sha256/*
+  mkdir -p "$(dirname -- "$out")"
+  local tmp=$out.partial.$$
+  oci_det_tar "$work/layout" "$tmp" oci-layout index.json blobs
+  mv -f "$tmp" "$out"
+  echo "$out: $ref (manifest sha256:$manifest)"
+}
+
 oci_image() {
   local root=$1 out=$2 ref=$3 os=$4 arch=$5 config=$6 created_by=$7
   # The reference ends up in JSON unescaped: allow only what a reference may hold.
@@ -64,22 +84,7 @@ oci_image() {
   local manifest_size; manifest_size=$(size "$work/manifest.json")
   local manifest; manifest=$(put_blob "$work/manifest.json")
 
-  printf '%s' '{"imageLayoutVersion":"1.0.0"}' > "$work/layout/oci-layout"
-  printf '%s' \
-    '{"schemaVersion":2,"mediaType":"application/vnd.oci.image.index.v1+json",' \
-    '"manifests":[{"mediaType":"application/vnd.oci.image.manifest.v1+json",' \
-    '"digest":"sha256:'"$manifest"'","size":'"$manifest_size"',' \
-    '"platform":{"architecture":"'"$arch"'","os":"'"$os"'"},' \
-    '"annotations":{"io.containerd.image.name":"'"$ref"'","org.opencontainers.image.ref.name":"'"$tag"'"}}]}' \
-    > "$work/layout/index.json"
-  chmod 0644 "$work/layout/oci-layout" "$work/layout/index.json" "$blobs"/*
-
-  # Written under a private name, then renamed: readers never see half a file.
-  mkdir -p "$(dirname -- "$out")"
-  local tmp=$out.partial.$$
-  oci_det_tar "$work/layout" "$tmp" oci-layout index.json blobs
-  mv -f "$tmp" "$out"
-  echo "$out: $ref (manifest sha256:$manifest)"
+  _oci_finish "$work" "$out" "$ref" "$tag" "$manifest" "$manifest_size" "$os" "$arch"
 }
 
 # A wasm artifact image: FILE is the image's only layer, as is (media type
@@ -108,18 +113,5 @@ oci_wasm_artifact() {
     '"layers":[{"mediaType":"'"$media_type"'","digest":"sha256:'"$layer"'","size":'"$layer_size"',' \
     '"annotations":{"org.opencontainers.image.title":"'"$title"'"}}]}' > "$work/manifest.json"
   local manifest manifest_size; manifest_size=$(size "$work/manifest.json"); manifest=$(put_blob "$work/manifest.json")
-  printf '%s' '{"imageLayoutVersion":"1.0.0"}' > "$work/layout/oci-layout"
-  printf '%s' \
-    '{"schemaVersion":2,"mediaType":"application/vnd.oci.image.index.v1+json",' \
-    '"manifests":[{"mediaType":"application/vnd.oci.image.manifest.v1+json",' \
-    '"digest":"sha256:'"$manifest"'","size":'"$manifest_size"',' \
-    '"platform":{"architecture":"wasm","os":"wasip1"},' \
-    '"annotations":{"io.containerd.image.name":"'"$ref"'","org.opencontainers.image.ref.name":"'"$tag"'"}}]}' \
-    > "$work/layout/index.json"
-  chmod 0644 "$work/layout/oci-layout" "$work/layout/index.json" "$blobs"/*
-  mkdir -p "$(dirname -- "$out")"
-  local tmp=$out.partial.$$
-  oci_det_tar "$work/layout" "$tmp" oci-layout index.json blobs
-  mv -f "$tmp" "$out"
-  echo "$out: $ref (manifest sha256:$manifest)"
+  _oci_finish "$work" "$out" "$ref" "$tag" "$manifest" "$manifest_size" wasip1 wasm
 }

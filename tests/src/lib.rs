@@ -37,6 +37,16 @@ pub fn is_kuasar(runtime: &str) -> bool {
     runtime.starts_with("io.containerd.kuasar")
 }
 
+/// Declares a `#[test]` per containerd version for each scenario `fn(Version)`:
+/// `v1_6::name` and `v2_1::name`.
+#[macro_export]
+macro_rules! both_versions {
+    ($($name:ident),* $(,)?) => {
+        mod v1_6 { $( #[test] fn $name() { super::$name($crate::Version::V1_6) } )* }
+        mod v2_1 { $( #[test] fn $name() { super::$name($crate::Version::V2_1) } )* }
+    };
+}
+
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Version {
     V1_6,
@@ -44,6 +54,22 @@ pub enum Version {
 }
 
 impl Version {
+    /// `1.6` or `2.1`, as the benchmarks' `--containerd` flag spells it.
+    pub fn parse(s: &str) -> Option<Version> {
+        match s {
+            "1.6" => Some(Version::V1_6),
+            "2.1" => Some(Version::V2_1),
+            _ => None,
+        }
+    }
+
+    pub fn label(self) -> &'static str {
+        match self {
+            Version::V1_6 => "1.6",
+            Version::V2_1 => "2.1",
+        }
+    }
+
     /// Directory holding containerd, ctr and containerd-shim-runc-v2.
     pub fn bin_dir(self) -> PathBuf {
         match self {

@@ -15,14 +15,7 @@ use std::time::Duration;
 use kuasar_e2e::{is_kuasar, run_cmd, runtime_under_test, Env, Version};
 use kuasar_protocol::{wire, Client, Code, Error};
 
-macro_rules! both_versions {
-    ($($name:ident),* $(,)?) => {
-        mod v1_6 { $( #[test] fn $name() { super::$name(kuasar_e2e::Version::V1_6) } )* }
-        mod v2_1 { $( #[test] fn $name() { super::$name(kuasar_e2e::Version::V2_1) } )* }
-    };
-}
-
-both_versions!(
+kuasar_e2e::both_versions!(
     output_is_captured_and_no_shim_stays,
     exit_codes_0_7_and_137_reach_ctr,
     exec_with_and_without_terminal,

@@ -5,20 +5,13 @@
 //! WASI programs from the npm registry. Every test ends by checking that no
 //! shim process stayed and nothing was left behind.
 
-use std::io::{Read, Write};
-use std::process::Stdio;
+use std::io::Write;
+use std::process::{Command, Stdio};
 use std::time::Duration;
 
 use kuasar_e2e::{run_cmd, Env, Version};
 
-macro_rules! both_versions {
-    ($($name:ident),* $(,)?) => {
-        mod v1_6 { $( #[test] fn $name() { super::$name(kuasar_e2e::Version::V1_6) } )* }
-        mod v2_1 { $( #[test] fn $name() { super::$name(kuasar_e2e::Version::V2_1) } )* }
-    };
-}
-
-both_versions!(
+kuasar_e2e::both_versions!(
     output_exit_codes_and_traps_reach_ctr,
     a_spinning_module_is_killed_and_a_task_api_round_works,
     memory_limit_ends_the_instance_and_publishes_an_oom,
@@ -27,6 +20,25 @@ both_versions!(
     a_third_party_wasi_program_runs,
     programs_as_wasm_layers_of_an_image,
 );
+
+/// Runs `cmd` with `input` on its stdin (then EOF): status, stdout, stderr.
+fn with_stdin(cmd: &mut Command, input: &[u8]) -> (Option<i32>, String, String) {
+    let mut child = cmd
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut stdin = child.stdin.take().unwrap();
+    stdin.write_all(input).unwrap();
+    drop(stdin);
+    let out = child.wait_with_output().unwrap();
+    (
+        out.status.code(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
 
 fn env(v: Version) -> Env {
     let env = Env::start(v);
@@ -143,25 +155,9 @@ fn memory_limit_ends_the_instance_and_publishes_an_oom(v: Version) {
 fn stdin_files_and_mounts(v: Version) {
     let env = env(v);
     let mut cat = env.wasm_run_command(&["--rm"], "w-cat", &["/cat.wasm"]);
-    let mut child = cat
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut stdin = child.stdin.take().unwrap();
-    let mut stdout = child.stdout.take().unwrap();
-    let reader = std::thread::spawn(move || {
-        let mut out = String::new();
-        let _ = stdout.read_to_string(&mut out);
-        out
-    });
-    stdin
-        .write_all(b"through stdin\nand a second line\n")
-        .unwrap();
-    drop(stdin);
-    assert!(child.wait().unwrap().success());
-    assert_eq!(reader.join().unwrap(), "through stdin\nand a second line\n");
+    let (status, stdout, stderr) = with_stdin(&mut cat, b"through stdin\nand a second line\n");
+    assert_eq!(status, Some(0), "{stderr}");
+    assert_eq!(stdout, "through stdin\nand a second line\n");
 
     // The rootfs is the instance's "/": it writes there and reads back.
     let o = env.wasm_run(&["--rm"], "w-files", &["/files.wasm", "written-in-rootfs"]);
@@ -262,29 +258,13 @@ fn a_third_party_wasi_program_runs(v: Version) {
         "w-boolector",
         &["/boolector.wasm", "--smt2", "-m"],
     );
-    let mut child = solve
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut stdin = child.stdin.take().unwrap();
-    stdin
-        .write_all(
-            b"(set-logic QF_BV)\n(declare-fun x () (_ BitVec 8))\n\
-              (assert (= (bvmul x #x03) #x0f))\n(check-sat)\n(get-value (x))\n",
-        )
-        .unwrap();
-    drop(stdin);
-    let out = child.wait_with_output().unwrap();
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    // Boolector's exit status for "sat" is 10.
-    assert_eq!(
-        out.status.code(),
-        Some(10),
-        "{stdout}{}",
-        String::from_utf8_lossy(&out.stderr)
+    let (status, stdout, stderr) = with_stdin(
+        &mut solve,
+        b"(set-logic QF_BV)\n(declare-fun x () (_ BitVec 8))\n\
+          (assert (= (bvmul x #x03) #x0f))\n(check-sat)\n(get-value (x))\n",
     );
+    // Boolector's exit status for "sat" is 10.
+    assert_eq!(status, Some(10), "{stdout}{stderr}");
     assert!(stdout.starts_with("sat\n"), "{stdout}");
     assert!(stdout.contains("((x #b00000101))"), "{stdout}");
     env.assert_clean();

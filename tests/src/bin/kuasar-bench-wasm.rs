@@ -54,11 +54,9 @@ fn parse_opts() -> Opts {
         };
         match a.as_str() {
             "--containerd" => {
-                o.version = match val().as_str() {
-                    "1.6" => Version::V1_6,
-                    "2.1" => Version::V2_1,
-                    v => usage(&format!("unknown containerd version {v}")),
-                }
+                let v = val();
+                o.version = Version::parse(&v)
+                    .unwrap_or_else(|| usage(&format!("unknown containerd version {v}")))
             }
             "--starts" => o.starts = num(val()),
             "--serial" => o.serial = num(val()),
@@ -218,10 +216,7 @@ fn through_containerd(opts: &Opts) {
         k.push(busybox(KUASAR_RUNC, format!("k{i}")));
         w.push(wasm(format!("w{i}")));
     }
-    let ver = match opts.version {
-        Version::V1_6 => "1.6",
-        Version::V2_1 => "2.1",
-    };
+    let ver = opts.version.label();
     println!(
         "\ncontainerd {ver}: ctr run --rm, interleaved, {} runs each\n",
         opts.serial

@@ -36,11 +36,9 @@ fn parse_opts() -> Opts {
         };
         match a.as_str() {
             "--containerd" => {
-                o.version = match val().as_str() {
-                    "1.6" => Version::V1_6,
-                    "2.1" => Version::V2_1,
-                    v => usage(&format!("unknown containerd version {v}")),
-                }
+                let v = val();
+                o.version = Version::parse(&v)
+                    .unwrap_or_else(|| usage(&format!("unknown containerd version {v}")))
             }
             "--serial" => {
                 o.serial = val()
@@ -265,10 +263,7 @@ fn main() {
         });
     }
 
-    let ver = match opts.version {
-        Version::V1_6 => "1.6",
-        Version::V2_1 => "2.1",
-    };
+    let ver = opts.version.label();
     println!(
         "\ncontainerd {ver}: containerd-shim-runc-v2 vs kuasarrunc (same containerd, one run)\n"
     );
