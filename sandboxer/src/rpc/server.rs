@@ -342,6 +342,7 @@ async fn dispatch(handler: &dyn Handler, payload: &[u8]) -> Vec<u8> {
             .map(|kv| kv.value.clone()),
         timeout: (req.timeout_nano > 0).then(|| Duration::from_nanos(req.timeout_nano as u64)),
     };
+    let started = std::time::Instant::now();
     let result = match ctx.timeout {
         Some(t) => tokio::time::timeout(
             t,
@@ -360,6 +361,13 @@ async fn dispatch(handler: &dyn Handler, payload: &[u8]) -> Vec<u8> {
                 .await
         }
     };
+    tracing::debug!(
+        took_us = started.elapsed().as_micros() as u64,
+        ok = result.is_ok(),
+        "/{}/{}",
+        req.service,
+        req.method
+    );
     match result {
         Ok(payload) => {
             let mut resp = Response::new();

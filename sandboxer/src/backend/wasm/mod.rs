@@ -5,6 +5,7 @@
 mod engine;
 mod instance;
 mod layers;
+mod netns;
 mod spec;
 #[cfg(test)]
 mod tests;
@@ -197,6 +198,21 @@ impl Wasm {
             wasi.preopened_dir(&p.host, &p.guest, perms)
                 .map_err(wasi_error(&format!("preopening {}", p.host.display())))?;
         }
+        // Sockets only when asked for, and then only in the pod's network
+        // namespace, opened now so that a bad one fails Create. No name
+        // lookups: the daemon's resolver would read the host's
+        // resolv.conf, not the pod's.
+        let netns = if spec.network.any() {
+            wasi.inherit_network()
+                .allow_tcp(spec.network.tcp)
+                .allow_udp(spec.network.udp);
+            let ns = spec.netns.clone();
+            tokio::task::spawn_blocking(move || netns::open(&ns))
+                .await
+                .map_err(|e| Error::Internal(format!("opening the network namespace: {e}")))??
+        } else {
+            None
+        };
         let store = {
             // Streams register with the reactor of the threads that run
             // the instance.
@@ -236,7 +252,11 @@ impl Wasm {
             events: req.events,
             memory,
             control: Arc::new(Control::default()),
-            run: Mutex::new(Run::Created { store, notice }),
+            run: Mutex::new(Run::Created {
+                store,
+                notice,
+                netns,
+            }),
             io: tokio::sync::Mutex::new(io),
         })
     }
@@ -246,6 +266,9 @@ enum Run {
     Created {
         store: Store<State>,
         notice: OwnedFd,
+        /// Where its sockets live, if it has any and not in the daemon's
+        /// own network namespace.
+        netns: Option<OwnedFd>,
     },
     Started,
     Ended,
@@ -278,7 +301,7 @@ async fn write_notice(fd: OwnedFd, text: String) {
     }
 }
 
-fn panic_message(e: tokio::task::JoinError) -> String {
+pub(super) fn panic_message(e: tokio::task::JoinError) -> String {
     match e.try_into_panic() {
         Ok(p) => p
             .downcast_ref::<&str>()
@@ -293,22 +316,22 @@ fn finish(events: &EventSink, outcome: &Outcome) {
     let _ = events.send(ContainerEvent::Exit(None, outcome.exit_status()));
 }
 
-/// Runs an instance in a task of its own, so that a panic of host code
-/// while running it ends that task, not the daemon; then reports its end:
-/// a notice on its stderr where there is one, and its exit status.
+/// Waits for an instance that runs in a task of its own (so that a panic
+/// of host code while running it ends that task, not the daemon), then
+/// reports its end: a notice on its stderr where there is one, and its exit
+/// status.
 fn monitor(
     engine: &WasmEngine,
-    run: impl std::future::Future<Output = Outcome> + Send + 'static,
+    run: impl std::future::Future<Output = netns::Ended<Outcome>> + Send + 'static,
     running: RunningGuard,
     notice: OwnedFd,
     events: EventSink,
     id: String,
 ) {
-    let task = engine.handle.spawn(run);
     engine.handle.spawn(async move {
-        let outcome = match task.await {
+        let outcome = match run.await {
             Ok(o) => o,
-            Err(e) => Outcome::Trapped(format!("host panic: {}", panic_message(e))),
+            Err(panic) => Outcome::Trapped(format!("host panic: {panic}")),
         };
         drop(running);
         tracing::debug!(%id, ?outcome, "wasm instance ended");
@@ -326,29 +349,50 @@ impl Container for WasmContainer {
     }
 
     async fn start(&self) -> Result<u32> {
+        let already =
+            || Error::FailedPrecondition(format!("wasm instance {} was already started", self.id));
+        // An instance with sockets gets its thread first: should it fail,
+        // the instance is still there to start again or delete.
+        let netns = match &*self.run.lock().unwrap() {
+            Run::Created { netns, .. } => netns
+                .as_ref()
+                .map(|ns| ns.try_clone())
+                .transpose()
+                .map_err(io_context("duplicating the network namespace"))?,
+            _ => return Err(already()),
+        };
+        let thread = match netns {
+            Some(ns) => Some(netns::NetThread::start(ns, "wasm-net").await?),
+            None => None,
+        };
         let (store, notice) = match std::mem::replace(&mut *self.run.lock().unwrap(), Run::Started)
         {
-            Run::Created { store, notice } => (store, notice),
+            Run::Created { store, notice, .. } => (store, notice),
             other => {
                 *self.run.lock().unwrap() = other;
-                return Err(Error::FailedPrecondition(format!(
-                    "wasm instance {} was already started",
-                    self.id
-                )));
+                return Err(already());
             }
         };
         let run = Supervised::new(
             instance::run(self.program.clone(), self.function.clone(), store),
             self.control.clone(),
         );
-        monitor(
-            &self.engine,
-            run,
-            self.engine.running(),
-            notice,
-            self.events.clone(),
-            self.id.clone(),
-        );
+        let (running, events, id) = (self.engine.running(), self.events.clone(), self.id.clone());
+        match thread {
+            None => {
+                let task = self.engine.handle.spawn(run);
+                let run = async move { task.await.map_err(panic_message) };
+                monitor(&self.engine, run, running, notice, events, id);
+            }
+            Some(thread) => {
+                let done = thread.run(run);
+                let run = async move {
+                    done.await
+                        .unwrap_or_else(|_| Err("the instance thread ended".into()))
+                };
+                monitor(&self.engine, run, running, notice, events, id);
+            }
+        }
         Ok(self.pid())
     }
 
@@ -384,8 +428,12 @@ impl Container for WasmContainer {
         let mut run = self.run.lock().unwrap();
         match std::mem::replace(&mut *run, Run::Ended) {
             // Never started: it ends without running, as runc's init would.
-            Run::Created { store, notice } => {
-                drop((store, notice));
+            Run::Created {
+                store,
+                notice,
+                netns,
+            } => {
+                drop((store, notice, netns));
                 finish(&self.events, &Outcome::Killed(signal));
             }
             Run::Started => {

@@ -1,7 +1,7 @@
 //! What a wasm container is, read from its bundle's OCI spec: the program
 //! (`process.args[0]` in the rootfs, `path#function` picks an export other
 //! than `_start`), its arguments, environment and working directory, the
-//! directories it may see, and its memory limit.
+//! directories it may see, its memory limit and its network access.
 
 use std::ffi::CString;
 use std::io::Read;
@@ -12,8 +12,51 @@ use oci_spec::runtime::Spec;
 
 use crate::error::{io_context, Error, Result};
 
-/// Annotation asking for network access; sockets are denied without it.
+/// Annotation asking for network access (`tcp`, `udp`, `tcp,udp`, `none`);
+/// sockets are denied without it.
 pub const NETWORK_ANNOTATION: &str = "io.kuasar.wasm.network";
+
+/// The socket kinds an instance may use.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Network {
+    pub tcp: bool,
+    pub udp: bool,
+}
+
+impl Network {
+    pub fn any(&self) -> bool {
+        self.tcp || self.udp
+    }
+
+    fn parse(value: &str) -> Result<Network> {
+        let mut n = Network::default();
+        for word in value.split(',').map(str::trim) {
+            match word {
+                "" | "none" => {}
+                "tcp" => n.tcp = true,
+                "udp" => n.udp = true,
+                _ => {
+                    return Err(invalid(format!(
+                        "{NETWORK_ANNOTATION}={value}: expected none, tcp, udp or tcp,udp"
+                    )))
+                }
+            }
+        }
+        Ok(n)
+    }
+}
+
+/// The network namespace an instance's sockets live in, from the spec's
+/// `linux.namespaces`, as runc would place a process.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum NetNs {
+    /// No network namespace named: the daemon's own (the host's).
+    Host,
+    /// The pod's, by path.
+    Path(PathBuf),
+    /// A namespace without a path: a new one of the instance's own.
+    New,
+}
 
 /// A directory the instance sees.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -37,6 +80,8 @@ pub struct InstanceSpec {
     pub preopens: Vec<Preopen>,
     /// Bytes; 0 means none.
     pub memory_limit: u64,
+    pub network: Network,
+    pub netns: NetNs,
 }
 
 fn invalid(msg: impl Into<String>) -> Error {
@@ -107,18 +152,26 @@ pub fn load(bundle: &Path) -> Result<(InstanceSpec, Option<Vec<u8>>)> {
         });
     }
 
-    if let Some(v) = spec
+    let network = match spec
         .annotations()
         .as_ref()
         .and_then(|a| a.get(NETWORK_ANNOTATION))
     {
-        if v != "none" {
-            return Err(Error::Unimplemented(format!(
-                "{NETWORK_ANNOTATION}={v}: network access for wasm instances is not supported yet; \
-                 wasm containers have no sockets"
-            )));
-        }
-    }
+        Some(v) => Network::parse(v)?,
+        None => Network::default(),
+    };
+    let netns = spec
+        .linux()
+        .as_ref()
+        .and_then(|l| l.namespaces().as_ref())
+        .and_then(|ns| {
+            ns.iter()
+                .find(|n| n.typ() == oci_spec::runtime::LinuxNamespaceType::Network)
+        })
+        .map_or(NetNs::Host, |n| match n.path() {
+            Some(p) if !p.as_os_str().is_empty() => NetNs::Path(p.clone()),
+            _ => NetNs::New,
+        });
 
     let memory_limit = spec
         .linux()
@@ -148,6 +201,8 @@ pub fn load(bundle: &Path) -> Result<(InstanceSpec, Option<Vec<u8>>)> {
             program_path,
             preopens,
             memory_limit,
+            network,
+            netns,
         },
         bytes,
     ))

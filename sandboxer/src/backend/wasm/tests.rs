@@ -507,3 +507,115 @@ async fn no_stdio_means_dev_null() {
     c.start().await.unwrap();
     assert_eq!(exit_of(&mut rx).await, 0);
 }
+
+/// A listener on 127.0.0.1:7007 in a network namespace of its own: the
+/// namespace's path, and the lines its clients send, one per connection.
+fn listener_in_a_new_netns() -> (PathBuf, std::sync::mpsc::Receiver<String>) {
+    let (path_tx, path_rx) = std::sync::mpsc::channel();
+    let (line_tx, lines) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        nix::sched::unshare(nix::sched::CloneFlags::CLONE_NEWNET).unwrap();
+        netns::loopback_up().unwrap();
+        let listener = std::net::TcpListener::bind("127.0.0.1:7007").unwrap();
+        let tid = nix::unistd::gettid();
+        path_tx
+            .send(PathBuf::from(format!("/proc/self/task/{tid}/ns/net")))
+            .unwrap();
+        for conn in listener.incoming() {
+            let mut line = String::new();
+            std::io::Read::read_to_string(&mut conn.unwrap(), &mut line).unwrap();
+            if line_tx.send(line).is_err() {
+                return;
+            }
+        }
+    });
+    (path_rx.recv().unwrap(), lines)
+}
+
+fn netns_spec(annotation: Option<&str>, path: Option<&Path>) -> serde_json::Value {
+    let mut ns = serde_json::json!({"type": "network"});
+    if let Some(p) = path {
+        ns["path"] = p.display().to_string().into();
+    }
+    let mut spec = serde_json::json!({"linux": {"namespaces": [ns]}});
+    if let Some(a) = annotation {
+        spec["annotations"] = serde_json::json!({ spec::NETWORK_ANNOTATION: a });
+    }
+    spec
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sockets_only_when_asked_and_only_in_the_pods_network_namespace() {
+    let dir = tempfile::tempdir().unwrap();
+    let wasm = backend(&dir.path().join("root"));
+    let (pod_netns, lines) = listener_in_a_new_netns();
+    let client = wat("tcp-client");
+    let case = |name: &str, extra| Bundle::new(dir.path(), name, &client, &[], extra);
+
+    // Not asked for: no socket at all, though the pod's listener is there.
+    let denied = case("denied", netns_spec(None, Some(&pod_netns)));
+    assert_eq!(run(&wasm, &denied).await, 1);
+    // UDP only: no TCP either.
+    let udp = case("udp", netns_spec(Some("udp"), Some(&pod_netns)));
+    assert_eq!(run(&wasm, &udp).await, 1);
+    // A namespace of its own: its loopback is up, and nothing listens there.
+    let own = case("own", netns_spec(Some("tcp"), None));
+    assert_eq!(run(&wasm, &own).await, 1);
+    // Asked for, in the pod's namespace: connected to the pod's listener,
+    // and first (none of the above reached it).
+    let pod = case("pod", netns_spec(Some("tcp,udp"), Some(&pod_netns)));
+    assert_eq!(run(&wasm, &pod).await, 0, "{}", pod.stderr());
+    let line = lines.recv_timeout(Duration::from_secs(10)).unwrap();
+    assert_eq!(line, "hello from a wasm socket\n");
+    assert!(lines.try_recv().is_err());
+
+    // What cannot be honoured fails Create, clearly.
+    let (tx, _rx) = tokio::sync::mpsc::unbounded_channel();
+    let bad = case("bad-value", netns_spec(Some("tcp,icmp"), None));
+    let e = wasm.create(bad.request(tx.clone())).await.err().unwrap();
+    assert_eq!(e.code(), kuasar_protocol::Code::InvalidArgument, "{e}");
+    assert!(e.to_string().contains("expected none, tcp, udp"), "{e}");
+    let not_net = case(
+        "not-netns",
+        netns_spec(Some("tcp"), Some(Path::new("/proc/self/ns/mnt"))),
+    );
+    let e = wasm
+        .create(not_net.request(tx.clone()))
+        .await
+        .err()
+        .unwrap();
+    assert!(e.to_string().contains("is not a network namespace"), "{e}");
+    let missing = case(
+        "missing-netns",
+        netns_spec(Some("tcp"), Some(&dir.path().join("nope"))),
+    );
+    let e = wasm.create(missing.request(tx)).await.err().unwrap();
+    assert!(e.to_string().contains("opening network namespace"), "{e}");
+}
+
+#[test]
+fn the_network_annotation_and_namespace_are_read_from_the_spec() {
+    let dir = tempfile::tempdir().unwrap();
+    let spec_of = |name: &str, extra| {
+        let b = Bundle::new(dir.path(), name, &wat("hello"), &[], extra);
+        spec::load(&b.dir).unwrap().0
+    };
+    let s = spec_of("plain", serde_json::json!({}));
+    assert!(!s.network.any());
+    assert_eq!(s.netns, spec::NetNs::Host);
+    let s = spec_of(
+        "tcp",
+        netns_spec(Some("tcp"), Some(Path::new("/run/netns/p"))),
+    );
+    assert_eq!(
+        s.network,
+        spec::Network {
+            tcp: true,
+            udp: false
+        }
+    );
+    assert_eq!(s.netns, spec::NetNs::Path("/run/netns/p".into()));
+    let s = spec_of("none", netns_spec(Some("none"), None));
+    assert!(!s.network.any());
+    assert_eq!(s.netns, spec::NetNs::New);
+}
