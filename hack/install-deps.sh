@@ -7,7 +7,7 @@ PREFIX=${KUASAR_DEPS:-/opt/kuasar-deps}
 
 export DEBIAN_FRONTEND=noninteractive
 need=()
-for p in containerd runc busybox-static python3 bsdutils procps util-linux; do
+for p in containerd runc busybox-static python3 bsdutils procps util-linux iproute2; do
   dpkg -s "$p" >/dev/null 2>&1 || need+=("$p")
 done
 if [ ${#need[@]} -gt 0 ]; then

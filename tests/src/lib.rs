@@ -5,6 +5,7 @@
 pub mod bench;
 pub mod cgroup;
 pub mod cmd;
+pub mod netns;
 pub mod wasm;
 
 use std::path::{Path, PathBuf};

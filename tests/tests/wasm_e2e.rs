@@ -2,7 +2,7 @@
 //! programs through `io.containerd.kuasarwasm.v1`: wasmtime instances inside
 //! the kuasar-sandboxer. The image (platform wasip1/wasm) holds the
 //! repository's WAT programs, compiled with the `wat` crate, and third-party
-//! WASI programs from the npm registry. Every test ends by checking that no
+//! WASI programs from PyPI. Every test ends by checking that no
 //! shim process stayed and nothing was left behind.
 
 use std::io::Write;
@@ -19,6 +19,7 @@ kuasar_e2e::both_versions!(
     fifty_instances_at_once_without_a_shim_process,
     a_third_party_wasi_program_runs,
     programs_as_wasm_layers_of_an_image,
+    sockets_in_the_pods_network_namespace_when_asked,
 );
 
 /// Runs `cmd` with `input` on its stdin (then EOF): status, stdout, stderr.
@@ -312,5 +313,49 @@ fn programs_as_wasm_layers_of_an_image(v: Version) {
             }
         }
     }
+    env.assert_clean();
+}
+
+fn sockets_in_the_pods_network_namespace_when_asked(v: Version) {
+    let env = env(v);
+    // A pod network namespace as CNI leaves it, one per containerd version
+    // (the two run at once), with a listener of the pod inside.
+    let pod = kuasar_e2e::netns::Netns::add(&format!("kuasar-e2e-{}", v.label()));
+    let received = pod.listen_tcp(7007);
+    let with_ns = format!("network:{}", pod.path().display());
+    let run = |id: &str, annotation: Option<&str>| {
+        let mut flags = vec!["--rm", "--with-ns", &with_ns];
+        let a;
+        if let Some(value) = annotation {
+            a = format!("io.kuasar.wasm.network={value}");
+            flags.extend(["--annotation", &a]);
+        }
+        env.wasm_run(&flags, id, &["/tcp-client.wasm"])
+    };
+
+    // Not asked for: no sockets, though the pod's listener is there.
+    let o = run("w-net-denied", None);
+    assert_eq!(o.status, Some(1), "{o}");
+    // Asked for: connected inside the pod's namespace.
+    let o = run("w-net-tcp", Some("tcp"));
+    assert!(o.ok(), "{o}\n{}", env.log_tails());
+    let line = received.recv_timeout(Duration::from_secs(10)).unwrap();
+    assert_eq!(line, "hello from a wasm socket\n");
+    // Without --with-ns the instance gets a namespace of its own, where
+    // nothing listens.
+    let o = env.wasm_run(
+        &["--rm", "--annotation", "io.kuasar.wasm.network=tcp"],
+        "w-net-own",
+        &["/tcp-client.wasm"],
+    );
+    assert_eq!(o.status, Some(1), "{o}");
+    // One connection reached the pod: the one that was allowed.
+    assert!(received.try_recv().is_err());
+
+    let o = run("w-net-bad", Some("icmp"));
+    assert!(
+        !o.ok() && o.stderr.contains("expected none, tcp, udp"),
+        "{o}"
+    );
     env.assert_clean();
 }
