@@ -37,7 +37,7 @@ fn parse_opts() -> Opts {
     let mut o = Opts {
         version: Version::V1_6,
         starts: 200,
-        serial: 20,
+        serial: 30,
         idle: vec![1, 100, 500],
     };
     let args: Vec<String> = std::env::args().skip(1).collect();
@@ -59,7 +59,12 @@ fn parse_opts() -> Opts {
                     .unwrap_or_else(|| usage(&format!("unknown containerd version {v}")))
             }
             "--starts" => o.starts = num(val()),
-            "--serial" => o.serial = num(val()),
+            "--serial" => {
+                o.serial = num(val());
+                if o.serial == 0 {
+                    usage("--serial takes at least 1")
+                }
+            }
             "--idle" => o.idle = val().split(',').map(|n| num(n.to_string())).collect(),
             "-h" | "--help" => usage(""),
             other => usage(&format!("unknown argument {other}")),
@@ -82,15 +87,22 @@ fn hello_variant(hello: &[u8], n: usize) -> Vec<u8> {
     out
 }
 
-fn bundle(dir: &Path, id: &str, program: &[u8]) -> std::path::PathBuf {
+/// A bundle running `program`; with `netns`, given TCP in that namespace.
+fn bundle(dir: &Path, id: &str, program: &[u8], netns: Option<&Path>) -> std::path::PathBuf {
     let b = dir.join(id);
     std::fs::create_dir_all(b.join("rootfs")).unwrap();
     std::fs::write(b.join("rootfs/hello.wasm"), program).unwrap();
-    let config = serde_json::json!({
+    let mut config = serde_json::json!({
         "ociVersion": "1.0.2",
         "root": {"path": "rootfs"},
         "process": {"args": ["/hello.wasm"], "cwd": "/", "user": {"uid": 0, "gid": 0}},
     });
+    if let Some(ns) = netns {
+        config["annotations"] = serde_json::json!({"io.kuasar.wasm.network": "tcp"});
+        config["linux"] = serde_json::json!({"namespaces": [
+            {"type": "network", "path": ns.display().to_string()}
+        ]});
+    }
     std::fs::write(b.join("config.json"), config.to_string()).unwrap();
     b
 }
@@ -146,15 +158,22 @@ fn in_daemon(starts: usize) {
         let cold_n = starts.min(50);
         let (mut cold, mut warm, mut warm_exit) = (Vec::new(), Vec::new(), Vec::new());
         for i in 0..cold_n {
-            let b = bundle(&dir, &format!("cold{i}"), &hello_variant(&hello, i));
+            let b = bundle(&dir, &format!("cold{i}"), &hello_variant(&hello, i), None);
             cold.push(one_start(&wasm, &b).await.0);
         }
-        let b = bundle(&dir, "warm", &hello);
+        let b = bundle(&dir, "warm", &hello, None);
         one_start(&wasm, &b).await; // compiles it once
         for _ in 0..starts {
             let (s, e) = one_start(&wasm, &b).await;
             warm.push(s);
             warm_exit.push(e);
+        }
+        // With sockets: a thread of its own that joins the pod's netns.
+        let pod = kuasar_e2e::netns::Netns::add(&format!("kuasar-bench-{}", std::process::id()));
+        let b = bundle(&dir, "net", &hello, Some(&pod.path()));
+        let mut net = Vec::new();
+        for _ in 0..starts {
+            net.push(one_start(&wasm, &b).await.0);
         }
         println!("\nin-daemon instance start (wasm backend, WASI hello, no containerd)\n");
         println!("| metric | p50 | p99 |");
@@ -172,6 +191,10 @@ fn in_daemon(starts: usize) {
         );
         row(&format!("warm: create+start, cached ({starts})"), &warm);
         row(&format!("warm: create+start+exit ({starts})"), &warm_exit);
+        row(
+            &format!("warm: create+start with sockets, in a pod netns ({starts})"),
+            &net,
+        );
     });
     rt.shutdown_background();
     let _ = std::fs::remove_dir_all(&dir);
@@ -204,8 +227,9 @@ fn through_containerd(opts: &Opts) {
         assert!(o.ok() && o.stdout == "hello from wasm\n", "{o}");
         ms(t.elapsed())
     };
-    // Warm up every path (page cache, image unpack, compiled program).
-    for i in 0..2 {
+    // Warm up every path (page cache, image unpack, compiled program, a
+    // fresh containerd's own first-run costs).
+    for i in 0..5 {
         busybox(RUNC_V2, format!("wu-r{i}"));
         busybox(KUASAR_RUNC, format!("wu-k{i}"));
         wasm(format!("wu-w{i}"));
