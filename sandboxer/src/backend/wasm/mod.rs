@@ -316,6 +316,16 @@ fn finish(events: &EventSink, outcome: &Outcome) {
     let _ = events.send(ContainerEvent::Exit(None, outcome.exit_status()));
 }
 
+/// Runs `run` in a task of its own on `handle`: a panic of host code ends
+/// that task and comes back as its message.
+fn isolated<T: Send + 'static>(
+    handle: &tokio::runtime::Handle,
+    run: impl std::future::Future<Output = T> + Send + 'static,
+) -> impl std::future::Future<Output = netns::Ended<T>> {
+    let task = handle.spawn(run);
+    async move { task.await.map_err(panic_message) }
+}
+
 /// Waits for an instance that runs in a task of its own (so that a panic
 /// of host code while running it ends that task, not the daemon), then
 /// reports its end: a notice on its stderr where there is one, and its exit
@@ -380,16 +390,11 @@ impl Container for WasmContainer {
         let (running, events, id) = (self.engine.running(), self.events.clone(), self.id.clone());
         match thread {
             None => {
-                let task = self.engine.handle.spawn(run);
-                let run = async move { task.await.map_err(panic_message) };
+                let run = isolated(&self.engine.handle, run);
                 monitor(&self.engine, run, running, notice, events, id);
             }
             Some(thread) => {
-                let done = thread.run(run);
-                let run = async move {
-                    done.await
-                        .unwrap_or_else(|_| Err("the instance thread ended".into()))
-                };
+                let run = thread.isolated(run);
                 monitor(&self.engine, run, running, notice, events, id);
             }
         }

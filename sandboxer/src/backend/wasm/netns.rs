@@ -155,11 +155,18 @@ impl<T: Send + 'static> NetThread<T> {
         }
     }
 
-    /// Runs `run` on the thread; its end arrives through the receiver.
-    pub fn run(self, run: impl Future<Output = T> + Send + 'static) -> oneshot::Receiver<Ended<T>> {
+    /// Runs `run` in a task of its own on the thread (a panic of host code
+    /// ends that task and comes back as its message); resolves when it ends.
+    pub fn isolated(
+        self,
+        run: impl Future<Output = T> + Send + 'static,
+    ) -> impl Future<Output = Ended<T>> {
         let (done_tx, done) = oneshot::channel();
         // The thread waits for this; should it be gone, `done` says so.
         let _ = self.work.send((Box::pin(run), done_tx));
-        done
+        async move {
+            done.await
+                .unwrap_or_else(|_| Err("the instance thread ended".into()))
+        }
     }
 }

@@ -437,21 +437,26 @@ async fn bad_programs_are_refused_at_create() {
 async fn a_host_panic_ends_only_its_instance() {
     let dir = tempfile::tempdir().unwrap();
     let wasm = backend(&dir.path().join("root"));
-    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
-    let notice = dir.path().join("notice");
-    let fd: OwnedFd = std::fs::File::create(&notice).unwrap().into();
-    let guard = wasm.engine().unwrap().running();
-    monitor(
-        &wasm.engine().unwrap(),
-        async { panic!("host code failed") },
-        guard,
-        fd,
-        tx,
-        "p".into(),
-    );
-    assert_eq!(exit_of(&mut rx).await, instance::EXIT_TRAP);
-    let text = std::fs::read_to_string(&notice).unwrap();
-    assert!(text.contains("host panic: host code failed"), "{text}");
+    let engine = wasm.engine().unwrap();
+    // On the engine's threads, and on a thread of its own (an instance
+    // with sockets; here in the daemon's own network namespace).
+    let own_ns: OwnedFd = std::fs::File::open("/proc/self/ns/net").unwrap().into();
+    let thread = netns::NetThread::start(own_ns, "wasm-net").await.unwrap();
+    let runs: [std::pin::Pin<Box<dyn std::future::Future<Output = _> + Send>>; 2] = [
+        Box::pin(isolated(&engine.handle, async {
+            panic!("host code failed")
+        })),
+        Box::pin(thread.isolated(async { panic!("host code failed") })),
+    ];
+    for (i, run) in runs.into_iter().enumerate() {
+        let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+        let notice = dir.path().join(format!("notice{i}"));
+        let fd: OwnedFd = std::fs::File::create(&notice).unwrap().into();
+        monitor(&engine, run, engine.running(), fd, tx, "p".into());
+        assert_eq!(exit_of(&mut rx).await, instance::EXIT_TRAP);
+        let text = std::fs::read_to_string(&notice).unwrap();
+        assert!(text.contains("host panic: host code failed"), "{text}");
+    }
     // The instance threads serve on.
     let b = Bundle::new(
         dir.path(),
