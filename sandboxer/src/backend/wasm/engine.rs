@@ -22,9 +22,26 @@ use super::instance::State;
 use crate::config::WasmConfig;
 use crate::error::{io_context, Error, Result};
 
-/// How often the epoch advances: an instance runs at most this long
-/// between two points where it can be paused, killed or descheduled.
+/// How often the epoch advances while few instances want the CPU: an
+/// instance runs at most this long between two points where it can be
+/// paused, killed or descheduled.
 pub const EPOCH_TICK: Duration = Duration::from_millis(10);
+
+/// The shortest tick, for when many instances spin at once.
+const MIN_TICK: Duration = Duration::from_millis(1);
+
+/// How long one round of the instance threads over every busy instance
+/// should take: the time within which a kill or pause of any of them is
+/// seen.
+const ROUND: Duration = Duration::from_millis(50);
+
+/// The tick for `busy` instances that want the CPU on `threads` threads:
+/// every one gets a turn (and sees a kill) within [`ROUND`], down to
+/// [`MIN_TICK`]; an idle instance needs no turns and does not count.
+pub fn tick_for(busy: usize, threads: usize) -> Duration {
+    let turns = busy.div_ceil(threads.max(1)).max(1) as u32;
+    (ROUND / turns).clamp(MIN_TICK, EPOCH_TICK)
+}
 
 /// A program ready to instantiate: a WASI preview1 core module or a WASI
 /// preview2 command component, linked against the host once.
@@ -78,6 +95,9 @@ pub struct WasmEngine {
     pub handle: tokio::runtime::Handle,
     /// Instances running now; the ticker sleeps while there are none.
     running: Arc<AtomicUsize>,
+    /// Instances that left their last turn at an epoch tick, wanting more
+    /// CPU; the ticker shortens the tick while there are many.
+    pub busy: Arc<AtomicUsize>,
     ticker: std::thread::Thread,
     /// Ends the ticker with the engine.
     stopped: Arc<AtomicBool>,
@@ -140,8 +160,9 @@ impl WasmEngine {
         wasmtime_wasi::p2::add_to_linker_async(&mut component_linker)
             .map_err(wasm_err("linking WASI preview2"))?;
 
+        let threads = cfg.threads.max(1);
         let runtime = tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(cfg.threads.max(1))
+            .worker_threads(threads)
             .thread_name("wasm-instance")
             .enable_all()
             .build()
@@ -149,10 +170,12 @@ impl WasmEngine {
         let handle = runtime.handle().clone();
 
         let running = Arc::new(AtomicUsize::new(0));
+        let busy = Arc::new(AtomicUsize::new(0));
         let stopped = Arc::new(AtomicBool::new(false));
         let ticker = {
             let engine = engine.clone();
             let running = running.clone();
+            let busy = busy.clone();
             let stopped = stopped.clone();
             std::thread::Builder::new()
                 .name("wasm-epoch".into())
@@ -164,7 +187,7 @@ impl WasmEngine {
                         std::thread::park();
                         continue;
                     }
-                    std::thread::sleep(EPOCH_TICK);
+                    std::thread::sleep(tick_for(busy.load(Ordering::Relaxed), threads));
                     engine.increment_epoch();
                 })
                 .map_err(io_context("starting the wasm epoch ticker"))?
@@ -185,6 +208,7 @@ impl WasmEngine {
             runtime: Some(runtime),
             handle,
             running,
+            busy,
             ticker,
             stopped,
             cache_dir,

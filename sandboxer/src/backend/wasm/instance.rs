@@ -3,7 +3,7 @@
 
 use std::future::Future;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll, Waker};
 
@@ -188,6 +188,9 @@ pub struct Control {
     /// The task running the instance, woken on every request.
     waker: Mutex<Option<Waker>>,
     pub cpu_ns: AtomicU64,
+    /// Set when its turn ended at an epoch tick (it wants more CPU) rather
+    /// than in a wait.
+    yielded: AtomicBool,
 }
 
 impl Control {
@@ -205,6 +208,11 @@ impl Control {
     pub fn resume(&self) {
         self.paused.store(false, Ordering::SeqCst);
         self.wake();
+    }
+
+    /// For the store's epoch callback: its turn ends at this tick.
+    pub fn tick(&self) {
+        self.yielded.store(true, Ordering::Relaxed);
     }
 
     fn wake(&self) {
@@ -227,17 +235,41 @@ fn thread_cpu_ns() -> u64 {
 /// Runs an instance's future under its [`Control`]. The future yields at
 /// every epoch tick, so a kill or pause takes effect within one tick even
 /// in a loop that never calls the host; a kill also ends it while it waits
-/// in a host call. Counts the CPU time spent polling it.
+/// in a host call. Counts the CPU time spent polling it, and keeps it
+/// counted among the engine's busy instances while it wants the CPU.
 pub struct Supervised<F> {
     inner: Pin<Box<F>>,
     control: Arc<Control>,
+    busy: Arc<AtomicUsize>,
+    counted: bool,
 }
 
 impl<F: Future<Output = Outcome>> Supervised<F> {
-    pub fn new(inner: F, control: Arc<Control>) -> Self {
+    pub fn new(inner: F, control: Arc<Control>, busy: Arc<AtomicUsize>) -> Self {
         Supervised {
             inner: Box::pin(inner),
             control,
+            busy,
+            counted: false,
+        }
+    }
+
+    fn count_busy(&mut self, busy: bool) {
+        if busy != self.counted {
+            if busy {
+                self.busy.fetch_add(1, Ordering::Relaxed);
+            } else {
+                self.busy.fetch_sub(1, Ordering::Relaxed);
+            }
+            self.counted = busy;
+        }
+    }
+}
+
+impl<F> Drop for Supervised<F> {
+    fn drop(&mut self) {
+        if self.counted {
+            self.busy.fetch_sub(1, Ordering::Relaxed);
         }
     }
 }
@@ -250,16 +282,21 @@ impl<F: Future<Output = Outcome>> Future for Supervised<F> {
         *control.waker.lock().unwrap() = Some(cx.waker().clone());
         let signal = control.kill.load(Ordering::SeqCst);
         if signal != 0 {
+            self.count_busy(false);
             return Poll::Ready(Outcome::Killed(signal));
         }
         if control.paused.load(Ordering::SeqCst) {
+            self.count_busy(false);
             return Poll::Pending;
         }
+        control.yielded.store(false, Ordering::Relaxed);
         let before = thread_cpu_ns();
         let polled = self.inner.as_mut().poll(cx);
         control
             .cpu_ns
             .fetch_add(thread_cpu_ns().saturating_sub(before), Ordering::Relaxed);
+        let busy = polled.is_pending() && control.yielded.load(Ordering::Relaxed);
+        self.count_busy(busy);
         polled
     }
 }

@@ -187,6 +187,7 @@ impl Wasm {
 
         let memory = Arc::new(Memory::default());
         memory.limit.store(spec.memory_limit, Ordering::SeqCst);
+        let control = Arc::new(Control::default());
         let mut wasi = WasiCtxBuilder::new();
         wasi.args(&spec.args).envs(&spec.env).initial_cwd(&spec.cwd);
         for p in &spec.preopens {
@@ -237,7 +238,16 @@ impl Wasm {
             );
             store.limiter(|s| &mut s.limits);
             store.set_epoch_deadline(1);
-            store.epoch_deadline_async_yield_and_update(1);
+            // yield_now puts the instance at the back of its thread's queue:
+            // busy instances take turns in order, one tick each.
+            let ticked = control.clone();
+            store.epoch_deadline_callback(move |_| {
+                ticked.tick();
+                Ok(wasmtime::UpdateDeadline::YieldCustom(
+                    1,
+                    Box::pin(tokio::task::yield_now()),
+                ))
+            });
             store
         };
         tracing::debug!(id = %req.id, program = %spec.program_path,
@@ -251,7 +261,7 @@ impl Wasm {
             function: spec.function,
             events: req.events,
             memory,
-            control: Arc::new(Control::default()),
+            control,
             run: Mutex::new(Run::Created {
                 store,
                 notice,
@@ -386,6 +396,7 @@ impl Container for WasmContainer {
         let run = Supervised::new(
             instance::run(self.program.clone(), self.function.clone(), store),
             self.control.clone(),
+            self.engine.busy.clone(),
         );
         let (running, events, id) = (self.engine.running(), self.events.clone(), self.id.clone());
         match thread {

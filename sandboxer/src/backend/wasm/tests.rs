@@ -215,12 +215,15 @@ async fn kill_ends_a_spinning_module_and_pause_holds_it() {
     );
     let (c, mut rx) = start(&wasm, &b).await;
     tokio::time::sleep(Duration::from_millis(50)).await;
+    let busy = || wasm.engine().unwrap().busy.load(Ordering::Relaxed);
+    assert_eq!(busy(), 1, "a spinning instance wants the CPU");
     c.pause().await.unwrap();
     tokio::time::sleep(Duration::from_millis(50)).await;
     let cpu = |c: &WasmContainer| c.control.cpu_ns.load(Ordering::Relaxed);
     let held = cpu(&c);
     tokio::time::sleep(Duration::from_millis(200)).await;
     assert_eq!(cpu(&c), held, "a paused instance ran");
+    assert_eq!(busy(), 0, "a paused instance is not busy");
     c.resume().await.unwrap();
     tokio::time::sleep(Duration::from_millis(200)).await;
     assert!(cpu(&c) > held, "a resumed instance did not run");
@@ -623,4 +626,63 @@ fn the_network_annotation_and_namespace_are_read_from_the_spec() {
     let s = spec_of("none", netns_spec(Some("none"), None));
     assert!(!s.network.any());
     assert_eq!(s.netns, spec::NetNs::New);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_kill_is_seen_within_100_ms_among_a_hundred_spinning_modules() {
+    let dir = tempfile::tempdir().unwrap();
+    let wasm = backend(&dir.path().join("root"));
+    let program = wat("spin");
+    let mut spinning = Vec::new();
+    for i in 0..110 {
+        let b = Bundle::new(
+            dir.path(),
+            &format!("busy{i}"),
+            &program,
+            &[],
+            serde_json::json!({}),
+        );
+        spinning.push(start(&wasm, &b).await);
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let busy = wasm.engine().unwrap().busy.load(Ordering::Relaxed);
+    assert!(busy > 100, "{busy} instances counted busy");
+    // Ten kills while at least a hundred others keep spinning.
+    let mut took = Vec::new();
+    for (c, mut rx) in spinning.drain(..10) {
+        let t = Instant::now();
+        c.kill(None, 9, false).await.unwrap();
+        assert_eq!(exit_of(&mut rx).await, 137);
+        took.push(t.elapsed());
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    took.sort();
+    eprintln!("kills among 100 spinning modules: {took:?}");
+    assert!(took[9] < Duration::from_millis(100), "{took:?}");
+    for (c, _) in &spinning {
+        c.kill(None, 9, false).await.unwrap();
+    }
+    for (_, mut rx) in spinning {
+        assert_eq!(exit_of(&mut rx).await, 137);
+    }
+    wait_until(|| wasm.engine().unwrap().busy.load(Ordering::Relaxed) == 0).await;
+}
+
+async fn wait_until(f: impl Fn() -> bool) {
+    let t = Instant::now();
+    while !f() {
+        assert!(t.elapsed() < Duration::from_secs(10), "condition not met");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+#[test]
+fn the_tick_shortens_while_many_instances_want_the_cpu() {
+    use engine::{tick_for, EPOCH_TICK};
+    assert_eq!(tick_for(0, 2), EPOCH_TICK);
+    assert_eq!(tick_for(10, 2), EPOCH_TICK);
+    assert_eq!(tick_for(20, 2), Duration::from_millis(5));
+    assert_eq!(tick_for(100, 2), Duration::from_millis(1));
+    assert_eq!(tick_for(1000, 2), Duration::from_millis(1));
+    assert_eq!(tick_for(100, 0), Duration::from_millis(1));
 }
