@@ -393,22 +393,29 @@ impl Container for WasmContainer {
                 return Err(already());
             }
         };
+        // An instance on a thread of its own takes no turns on the engine's
+        // threads: it does not count among their busy ones.
+        let busy = match thread {
+            None => self.engine.busy.clone(),
+            Some(_) => Arc::default(),
+        };
         let run = Supervised::new(
             instance::run(self.program.clone(), self.function.clone(), store),
             self.control.clone(),
-            self.engine.busy.clone(),
+            busy,
         );
-        let (running, events, id) = (self.engine.running(), self.events.clone(), self.id.clone());
-        match thread {
-            None => {
-                let run = isolated(&self.engine.handle, run);
-                monitor(&self.engine, run, running, notice, events, id);
-            }
-            Some(thread) => {
-                let run = thread.isolated(run);
-                monitor(&self.engine, run, running, notice, events, id);
-            }
-        }
+        let run: std::pin::Pin<Box<dyn std::future::Future<Output = _> + Send>> = match thread {
+            None => Box::pin(isolated(&self.engine.handle, run)),
+            Some(thread) => Box::pin(thread.isolated(run)),
+        };
+        monitor(
+            &self.engine,
+            run,
+            self.engine.running(),
+            notice,
+            self.events.clone(),
+            self.id.clone(),
+        );
         Ok(self.pid())
     }
 
