@@ -19,6 +19,11 @@ oci_det_tar() { # oci_det_tar DIR OUT NAMES...
       --mtime="@$OCI_MTIME" --owner=root:0 --group=root:0 --no-acls --no-xattrs --no-selinux "$@"
 }
 
+_oci_sha() { sha256sum "$1" | cut -d' ' -f1; }
+_oci_size() { stat -c %s "$1"; }
+# _oci_put_blob BLOBS FILE: a copy of FILE under its digest; prints the digest.
+_oci_put_blob() { local h; h=$(_oci_sha "$2"); cp "$2" "$1/$h"; echo "$h"; }
+
 # The index naming REF, the layout marker, and the archive, written under a
 # private name and renamed (readers never see half a file).
 _oci_finish() { # _oci_finish WORK OUT REF TAG MANIFEST MANIFEST_SIZE OS ARCH
@@ -56,16 +61,13 @@ oci_image() {
   trap "rm -rf '$work'" RETURN
   local blobs=$work/layout/blobs/sha256
   mkdir -p "$blobs"
-  sha() { sha256sum "$1" | cut -d' ' -f1; }
-  size() { stat -c %s "$1"; }
-  put_blob() { local h; h=$(sha "$1"); mv "$1" "$blobs/$h"; echo "$h"; }
 
   local names; mapfile -t names < <(cd "$root" && ls -A | LC_ALL=C sort)
   oci_det_tar "$root" "$work/layer.tar" "${names[@]}"
-  local diff_id; diff_id=$(sha "$work/layer.tar")
+  local diff_id; diff_id=$(_oci_sha "$work/layer.tar")
   gzip -n -9 < "$work/layer.tar" > "$work/layer.tar.gz"
-  local layer_size; layer_size=$(size "$work/layer.tar.gz")
-  local layer; layer=$(put_blob "$work/layer.tar.gz")
+  local layer_size; layer_size=$(_oci_size "$work/layer.tar.gz")
+  local layer; layer=$(_oci_put_blob "$blobs" "$work/layer.tar.gz")
 
   printf '%s' \
     '{"architecture":"'"$arch"'","os":"'"$os"'",' \
@@ -73,16 +75,16 @@ oci_image() {
     '"rootfs":{"type":"layers","diff_ids":["sha256:'"$diff_id"'"]},' \
     '"history":[{"created":"2023-11-14T22:13:20Z","created_by":"'"$created_by"'"}]}' \
     > "$work/config.json"
-  local config_size; config_size=$(size "$work/config.json")
-  local config_digest; config_digest=$(put_blob "$work/config.json")
+  local config_size; config_size=$(_oci_size "$work/config.json")
+  local config_digest; config_digest=$(_oci_put_blob "$blobs" "$work/config.json")
 
   printf '%s' \
     '{"schemaVersion":2,"mediaType":"application/vnd.oci.image.manifest.v1+json",' \
     '"config":{"mediaType":"application/vnd.oci.image.config.v1+json","digest":"sha256:'"$config_digest"'","size":'"$config_size"'},' \
     '"layers":[{"mediaType":"application/vnd.oci.image.layer.v1.tar+gzip","digest":"sha256:'"$layer"'","size":'"$layer_size"'}]}' \
     > "$work/manifest.json"
-  local manifest_size; manifest_size=$(size "$work/manifest.json")
-  local manifest; manifest=$(put_blob "$work/manifest.json")
+  local manifest_size; manifest_size=$(_oci_size "$work/manifest.json")
+  local manifest; manifest=$(_oci_put_blob "$blobs" "$work/manifest.json")
 
   _oci_finish "$work" "$out" "$ref" "$tag" "$manifest" "$manifest_size" "$os" "$arch"
 }
@@ -100,18 +102,15 @@ oci_wasm_artifact() {
   trap "rm -rf '$work'" RETURN
   local blobs=$work/layout/blobs/sha256
   mkdir -p "$blobs"
-  sha() { sha256sum "$1" | cut -d' ' -f1; }
-  size() { stat -c %s "$1"; }
-  put_blob() { local h; h=$(sha "$1"); cp "$1" "$blobs/$h"; echo "$h"; }
-  local layer layer_size; layer=$(put_blob "$file"); layer_size=$(size "$file")
+  local layer layer_size; layer=$(_oci_put_blob "$blobs" "$file"); layer_size=$(_oci_size "$file")
   printf '%s' '{"architecture":"wasm","os":"wasip1","config":{},"rootfs":{"type":"layers","diff_ids":[]}}' \
     > "$work/config.json"
-  local config config_size; config_size=$(size "$work/config.json"); config=$(put_blob "$work/config.json")
+  local config config_size; config_size=$(_oci_size "$work/config.json"); config=$(_oci_put_blob "$blobs" "$work/config.json")
   printf '%s' \
     '{"schemaVersion":2,"mediaType":"application/vnd.oci.image.manifest.v1+json",' \
     '"config":{"mediaType":"application/vnd.oci.image.config.v1+json","digest":"sha256:'"$config"'","size":'"$config_size"'},' \
     '"layers":[{"mediaType":"'"$media_type"'","digest":"sha256:'"$layer"'","size":'"$layer_size"',' \
     '"annotations":{"org.opencontainers.image.title":"'"$title"'"}}]}' > "$work/manifest.json"
-  local manifest manifest_size; manifest_size=$(size "$work/manifest.json"); manifest=$(put_blob "$work/manifest.json")
+  local manifest manifest_size; manifest_size=$(_oci_size "$work/manifest.json"); manifest=$(_oci_put_blob "$blobs" "$work/manifest.json")
   _oci_finish "$work" "$out" "$ref" "$tag" "$manifest" "$manifest_size" wasip1 wasm
 }
