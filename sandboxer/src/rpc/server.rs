@@ -361,13 +361,11 @@ async fn dispatch(handler: &dyn Handler, payload: &[u8]) -> Vec<u8> {
                 .await
         }
     };
-    tracing::debug!(
-        took_us = started.elapsed().as_micros() as u64,
-        ok = result.is_ok(),
-        "/{}/{}",
-        req.service,
-        req.method
-    );
+    let took_us = started.elapsed().as_micros() as u64;
+    match &result {
+        Ok(_) => tracing::debug!(took_us, "/{}/{}", req.service, req.method),
+        Err(e) => tracing::debug!(took_us, "/{}/{}: {e}", req.service, req.method),
+    }
     match result {
         Ok(payload) => {
             let mut resp = Response::new();
@@ -377,10 +375,7 @@ async fn dispatch(handler: &dyn Handler, payload: &[u8]) -> Vec<u8> {
             resp.status = Some(status).into();
             resp.write_to_bytes().unwrap_or_default()
         }
-        Err(e) => {
-            tracing::debug!("/{}/{}: {e}", req.service, req.method);
-            error_response(&e)
-        }
+        Err(e) => error_response(&e),
     }
 }
 
