@@ -52,7 +52,9 @@ pub struct WasmConfig {
 impl Default for WasmConfig {
     fn default() -> Self {
         WasmConfig {
-            enabled: false,
+            // Every backend that is built is enabled unless the config says
+            // otherwise, as the shipped config does.
+            enabled: true,
             max_instances: 1000,
             max_memory_mib: 4096,
             cached_modules: 64,
@@ -143,6 +145,22 @@ max_instances = 600
         assert_eq!(c.wasm.max_instances, 600);
         assert_eq!(c.wasm.max_memory_mib, 4096);
         assert!(toml::from_str::<Config>("roots = \"/x\"").is_err());
+    }
+
+    #[test]
+    fn defaults_match_the_shipped_config() {
+        let shipped = Path::new(env!("CARGO_MANIFEST_DIR")).join("../hack/config/sandboxer.toml");
+        let shipped = Config::load(&shipped, true).unwrap();
+        let built = Config::default();
+        assert_eq!(built.root, shipped.root);
+        assert_eq!(built.listen_path(), shipped.listen_path());
+        assert_eq!(built.allowed_uids, shipped.allowed_uids);
+        assert_eq!(built.runc.enabled, shipped.runc.enabled);
+        assert_eq!(built.runc.binary, shipped.runc.binary);
+        assert_eq!(built.wasm.enabled, shipped.wasm.enabled);
+        assert_eq!(built.wasm.max_instances, shipped.wasm.max_instances);
+        assert_eq!(built.wasm.threads, shipped.wasm.threads);
+        assert_eq!(built.vmm.enabled, shipped.vmm.enabled);
     }
 
     #[test]

@@ -118,6 +118,7 @@ async fn handle(daemon: &Arc<Daemon>, body: Option<request::Body>) -> Response {
     let result = match body {
         Some(request::Body::Resolve(r)) => daemon
             .resolve(&r)
+            .await
             .map(|address| response::Body::Resolve(wire::ResolveResponse { address })),
         Some(request::Body::Delete(r)) => daemon.shim_delete(&r).await.map(response::Body::Delete),
         None => return Response::error(Code::InvalidArgument, "request has no body"),

@@ -11,12 +11,11 @@ use std::sync::{Arc, Mutex};
 use kuasar_protocol::{wire, Kind};
 use tokio::task::JoinHandle;
 
-use crate::backend::{Backend, ProcessIoHandover};
+use crate::backend::{self, Backend, BackendRecord, ProcessIoHandover, SandboxRequest};
 use crate::config::Config;
 use crate::error::{io_context, Error, Result};
 use crate::events::Publisher;
 use crate::ids;
-use crate::mount;
 use crate::reaper::Reaper;
 use crate::rpc;
 use crate::rpc::server::{ConnHandover, ConnScope, Registry};
@@ -33,11 +32,14 @@ const MAX_ADDRESS: usize = 106;
 
 pub type Key = (String, String);
 
-/// A pod: its task socket, and the containers that belong to it.
+/// A pod: its task socket, its backend's side, and the containers that
+/// belong to it.
 pub struct Sandbox {
     pub namespace: String,
     pub id: String,
     pub kind: Kind,
+    /// What the backend runs for the pod.
+    pub backend: Arc<dyn backend::Sandbox>,
     pub socket: PathBuf,
     pub address: String,
     /// containerd's ttrpc socket, for this sandbox's events.
@@ -60,6 +62,7 @@ struct SandboxRecord<'a> {
     address: &'a str,
     ttrpc_address: String,
     members: Vec<String>,
+    backend: BackendRecord,
 }
 
 impl Sandbox {
@@ -83,6 +86,7 @@ impl Sandbox {
             address: &self.address,
             ttrpc_address: self.ttrpc_address(),
             members: self.members.lock().unwrap().iter().cloned().collect(),
+            backend: self.backend.record(),
         }
     }
 }
@@ -95,6 +99,8 @@ pub struct Daemon {
     store: StateStore,
     socket_dir: PathBuf,
     sandboxes: Mutex<HashMap<Key, Arc<Sandbox>>>,
+    /// Held while a sandbox is made, so that one id gets one sandbox.
+    creating: tokio::sync::Mutex<()>,
     tasks: Mutex<HashMap<Key, Arc<Task>>>,
     /// Tasks deleted and cleaned up a moment ago, with their exit. containerd
     /// runs `shim delete` after every task delete: this answers it without
@@ -150,6 +156,7 @@ impl Daemon {
             publisher: Arc::new(Publisher::default()),
             backends: backends.into_iter().map(|b| (b.kind(), b)).collect(),
             sandboxes: Mutex::new(HashMap::new()),
+            creating: tokio::sync::Mutex::new(()),
             tasks: Mutex::new(HashMap::new()),
             deleted: Mutex::new(HashMap::new()),
             conns: Arc::new(Registry::default()),
@@ -285,6 +292,12 @@ impl Daemon {
             }
             let _ = std::fs::remove_file(&sandbox.socket);
             self.store.remove(Record::Sandbox, namespace, &sandbox.id);
+            let released = sandbox.clone();
+            tokio::spawn(async move {
+                if let Err(e) = released.backend.stop().await {
+                    tracing::warn!(sandbox = %released.id, "stopping the sandbox: {e}");
+                }
+            });
             tracing::info!(namespace, sandbox = %sandbox.id, "sandbox released");
         } else {
             self.save_sandbox(&sandbox);
@@ -299,7 +312,7 @@ impl Daemon {
 
     /// `shim start`: the address of the sandbox `req` belongs to, creating
     /// the sandbox (and its listening socket) on first use.
-    pub fn resolve(self: &Arc<Self>, req: &wire::ResolveRequest) -> Result<String> {
+    pub async fn resolve(self: &Arc<Self>, req: &wire::ResolveRequest) -> Result<String> {
         let kind = self.parse_kind(&req.kind)?;
         ids::validate("namespace", &req.namespace)?;
         ids::validate("id", &req.id)?;
@@ -315,23 +328,9 @@ impl Daemon {
                 req.bundle
             )));
         }
-        let sandbox = {
-            let mut sandboxes = self.sandboxes.lock().unwrap();
-            let k = key(&req.namespace, sandbox_id);
-            match sandboxes.get(&k) {
-                Some(s) if s.kind != kind => {
-                    return Err(Error::FailedPrecondition(format!(
-                        "sandbox {sandbox_id} runs the {} backend, not {kind}",
-                        s.kind
-                    )))
-                }
-                Some(s) => s.clone(),
-                None => {
-                    let s = self.open_sandbox(&req.namespace, sandbox_id, kind)?;
-                    sandboxes.insert(k, s.clone());
-                    s
-                }
-            }
+        let sandbox = match self.find_sandbox(&req.namespace, sandbox_id, kind)? {
+            Some(s) => s,
+            None => self.open_implicit(&req.namespace, sandbox_id, kind).await?,
         };
         if !req.ttrpc_address.is_empty() {
             *sandbox.ttrpc_address.lock().unwrap() = req.ttrpc_address.clone();
@@ -345,40 +344,95 @@ impl Daemon {
         Ok(sandbox.address.clone())
     }
 
-    /// Binds the sandbox's task socket and starts serving it.
-    fn open_sandbox(
+    /// The sandbox `id`, if it exists and runs `kind`.
+    fn find_sandbox(&self, namespace: &str, id: &str, kind: Kind) -> Result<Option<Arc<Sandbox>>> {
+        match self.sandboxes.lock().unwrap().get(&key(namespace, id)) {
+            Some(s) if s.kind != kind => Err(Error::FailedPrecondition(format!(
+                "sandbox {id} runs the {} backend, not {kind}",
+                s.kind
+            ))),
+            found => Ok(found.cloned()),
+        }
+    }
+
+    /// A pod whose first container is its own sandbox (a pause container,
+    /// or a container of no pod): created and ready at once.
+    async fn open_implicit(
         self: &Arc<Self>,
         namespace: &str,
         id: &str,
         kind: Kind,
     ) -> Result<Arc<Sandbox>> {
+        // One sandbox is made at a time: two shims of one new pod race here,
+        // and both must get the one socket.
+        let _creating = self.creating.lock().await;
+        if let Some(s) = self.find_sandbox(namespace, id, kind)? {
+            return Ok(s);
+        }
+        let sandbox = self.open_sandbox(namespace, id, kind).await?;
+        if let Err(e) = sandbox.backend.start().await {
+            let _ = std::fs::remove_file(&sandbox.socket);
+            return Err(e);
+        }
+        self.register_sandbox(&sandbox)?;
+        Ok(sandbox)
+    }
+
+    /// Makes a sandbox known and serves its task socket.
+    fn register_sandbox(self: &Arc<Self>, sandbox: &Arc<Sandbox>) -> Result<()> {
+        if let Err(e) = self.start_listener(sandbox) {
+            let _ = std::fs::remove_file(&sandbox.socket);
+            return Err(e);
+        }
+        self.sandboxes
+            .lock()
+            .unwrap()
+            .insert(key(&sandbox.namespace, &sandbox.id), sandbox.clone());
+        tracing::info!(namespace = %sandbox.namespace, sandbox = %sandbox.id, kind = %sandbox.kind, "sandbox opened");
+        Ok(())
+    }
+
+    fn sandbox_request(&self, namespace: &str, id: &str) -> SandboxRequest {
+        SandboxRequest {
+            namespace: namespace.into(),
+            id: id.into(),
+            netns: None,
+            state_dir: self.store.sandbox_dir(namespace, id),
+        }
+    }
+
+    /// Creates the backend's sandbox and binds its task socket; nothing
+    /// serves it until it is registered.
+    async fn open_sandbox(
+        self: &Arc<Self>,
+        namespace: &str,
+        id: &str,
+        kind: Kind,
+    ) -> Result<Arc<Sandbox>> {
+        let inner = self
+            .backend(kind)?
+            .create_sandbox(self.sandbox_request(namespace, id))
+            .await?;
         let socket = self.socket_dir.join(socket_name(namespace, id));
         let _ = std::fs::remove_file(&socket);
-        let listener = tokio::net::UnixListener::bind(&socket).map_err(io_context(format!(
-            "binding task socket {}",
-            socket.display()
-        )))?;
+        let listener = std::os::unix::net::UnixListener::bind(&socket).map_err(io_context(
+            format!("binding task socket {}", socket.display()),
+        ))?;
         std::fs::set_permissions(&socket, std::fs::Permissions::from_mode(0o600))
             .map_err(io_context(format!("securing {}", socket.display())))?;
-        let listen_fd = listener
-            .into_std()
-            .map(OwnedFd::from)
-            .map_err(io_context("detaching the task socket"))?;
-        let sandbox = Arc::new(Sandbox {
+        Ok(Arc::new(Sandbox {
             namespace: namespace.into(),
             id: id.into(),
             kind,
+            backend: inner,
             address: format!("unix://{}", socket.display()),
             socket,
             ttrpc_address: Mutex::new(String::new()),
             grpc_address: Mutex::new(String::new()),
             members: Mutex::new(HashSet::new()),
             listener: Mutex::new(None),
-            listen_fd,
-        });
-        self.start_listener(&sandbox)?;
-        tracing::info!(namespace, sandbox = id, %kind, "sandbox opened");
-        Ok(sandbox)
+            listen_fd: OwnedFd::from(listener),
+        }))
     }
 
     fn handler(self: &Arc<Self>, sandbox: &Arc<Sandbox>) -> Arc<dyn rpc::Handler> {
@@ -450,18 +504,28 @@ impl Daemon {
                 ttrpc_address: s.ttrpc_address(),
                 grpc_address: s.grpc_address(),
                 members: s.members.lock().unwrap().iter().cloned().collect(),
+                backend: s.backend.record(),
                 fd: s.listen_fd.as_raw_fd(),
             })
             .collect()
     }
 
     /// Takes over a sandbox (and its listening socket) from a predecessor.
-    pub fn adopt_sandbox(self: &Arc<Self>, h: SandboxHandover, listen_fd: OwnedFd) -> Result<()> {
+    pub async fn adopt_sandbox(
+        self: &Arc<Self>,
+        h: SandboxHandover,
+        listen_fd: OwnedFd,
+    ) -> Result<()> {
         let kind = self.parse_kind(&h.kind)?;
+        let inner = self
+            .backend(kind)?
+            .restore_sandbox(self.sandbox_request(&h.namespace, &h.id), h.backend)
+            .await?;
         let sandbox = Arc::new(Sandbox {
             namespace: h.namespace,
             id: h.id,
             kind,
+            backend: inner,
             socket: h.socket,
             address: h.address,
             ttrpc_address: Mutex::new(h.ttrpc_address),
@@ -478,18 +542,23 @@ impl Daemon {
         Ok(())
     }
 
-    /// Every task as persisted, with current statuses.
-    /// Tasks that exist only in this process (wasm instances): a re-exec
-    /// cannot carry them.
-    pub fn tasks_in_process(&self) -> usize {
-        self.tasks
-            .lock()
-            .unwrap()
-            .values()
-            .filter(|t| t.kind == Kind::Wasm)
-            .count()
+    /// Tasks that exist only in this process (their backend's workloads do
+    /// not survive a re-exec), by kind.
+    pub fn tasks_in_process(&self) -> Vec<(Kind, usize)> {
+        let mut held: HashMap<Kind, usize> = HashMap::new();
+        for t in self.tasks.lock().unwrap().values() {
+            let survives = self
+                .backends
+                .get(&t.kind)
+                .is_some_and(|b| b.capabilities().survives_reexec);
+            if !survives {
+                *held.entry(t.kind).or_default() += 1;
+            }
+        }
+        held.into_iter().collect()
     }
 
+    /// Every task as persisted, with current statuses.
     pub fn task_records(&self) -> Vec<TaskRecord> {
         self.tasks
             .lock()
@@ -507,10 +576,14 @@ impl Daemon {
         io: Vec<ProcessIoHandover>,
     ) -> Result<()> {
         let kind = self.parse_kind(&record.kind)?;
+        if kind != self.sandbox(&record.namespace, &record.sandbox_id)?.kind {
+            return Err(Error::InvalidArgument(format!(
+                "task {} is of another kind than its sandbox",
+                record.id
+            )));
+        }
         let sandbox = self.sandbox(&record.namespace, &record.sandbox_id)?;
-        let backend = self.backend(kind)?;
-        let task = crate::task::service::restore_task(self, &sandbox, backend.as_ref(), record, io)
-            .await?;
+        let task = crate::task::service::restore_task(self, &sandbox, record, io).await?;
         self.insert_task(task)
     }
 
@@ -560,12 +633,11 @@ impl Daemon {
                 self.leave_sandbox(&req.namespace, &req.id, None);
                 return Ok(reply);
             }
-            // Not tracked: make sure runc holds nothing and the rootfs is
-            // unmounted, as containerd-shim-runc-v2 does.
-            self.backend(kind)?.cleanup(&req.namespace, &req.id).await?;
-            if !req.bundle.is_empty() {
-                mount::unmount_all(&Path::new(&req.bundle).join("rootfs"))?;
-            }
+            // Not tracked: make sure the backend holds nothing and the
+            // rootfs is unmounted, as containerd-shim-runc-v2 does.
+            self.backend(kind)?
+                .cleanup(&req.namespace, &req.id, Path::new(&req.bundle))
+                .await?;
             self.leave_sandbox(&req.namespace, &req.id, None);
             return Ok(wire::DeleteResponse {
                 pid: 0,
@@ -578,9 +650,6 @@ impl Daemon {
             let _ = task.container.kill(None, libc::SIGKILL as u32, true).await;
         }
         task.container.delete(true).await?;
-        if task.rootfs_mounted {
-            mount::unmount_all(&task.bundle.join("rootfs"))?;
-        }
         self.remove_task(&req.namespace, &req.id);
         let exit = task.init.view().exit;
         Ok(wire::DeleteResponse {

@@ -22,6 +22,8 @@ pub enum Error {
     Unavailable(String),
     #[error("{0}")]
     ResourceExhausted(String),
+    #[error("{0}")]
+    DeadlineExceeded(String),
     #[error("{what}: {source}")]
     Io { what: String, source: io::Error },
     #[error("{what}: {source}")]
@@ -43,7 +45,9 @@ impl Error {
             Error::Unimplemented(_) => Code::Unimplemented,
             Error::Unavailable(_) => Code::Unavailable,
             Error::ResourceExhausted(_) => Code::ResourceExhausted,
-            Error::Io { source, .. } if source.kind() == io::ErrorKind::NotFound => Code::NotFound,
+            Error::DeadlineExceeded(_) => Code::DeadlineExceeded,
+            // A file or binary missing inside the daemon is its own failure:
+            // containerd reads NotFound as "the task is gone".
             Error::Io { .. } | Error::Sys { .. } | Error::Runtime { .. } => Code::Unknown,
             Error::Internal(_) => Code::Internal,
         }
@@ -68,4 +72,17 @@ pub fn io_context(what: impl Into<String>) -> impl FnOnce(io::Error) -> Error {
 pub fn sys_context(what: impl Into<String>) -> impl FnOnce(nix::Error) -> Error {
     let what = what.into();
     move |source| Error::Sys { what, source }
+}
+
+/// What a task that did not finish says: its panic's message, or why it was
+/// cancelled.
+pub fn panic_message(e: tokio::task::JoinError) -> String {
+    match e.try_into_panic() {
+        Ok(p) => p
+            .downcast_ref::<&str>()
+            .map(|s| s.to_string())
+            .or_else(|| p.downcast_ref::<String>().cloned())
+            .unwrap_or_else(|| "unknown panic".into()),
+        Err(e) => e.to_string(),
+    }
 }

@@ -67,6 +67,7 @@ pub async fn run_with_handover(config: Config, handover: Option<PathBuf>) -> Res
             &config.root,
             &config.wasm,
             reaper.clone(),
+            backend::runc::Runc::new(config.runc.binary.clone(), &config.root, reaper.clone()),
         )?));
     }
     let listen = config.listen_path();

@@ -44,7 +44,7 @@ fn parse_options(options: &[String]) -> (MsFlags, String) {
 }
 
 /// Mounts `mounts` onto `target` in order.
-pub fn mount_rootfs(mounts: &[Mount], target: &Path) -> Result<()> {
+fn mount_rootfs(mounts: &[Mount], target: &Path) -> Result<()> {
     for (i, m) in mounts.iter().enumerate() {
         let (flags, data) = parse_options(&m.options);
         let fstype = if m.type_.is_empty() || m.type_ == "bind" {
@@ -90,6 +90,48 @@ pub fn unmount_all(target: &Path) -> Result<()> {
         }
     }
     Ok(())
+}
+
+/// A container's rootfs on the host: the bundle's `rootfs` directory with
+/// containerd's mounts (if it sent any) stacked on it.
+#[derive(Debug)]
+pub struct Rootfs {
+    target: std::path::PathBuf,
+    mounted: bool,
+}
+
+impl Rootfs {
+    /// Mounts `mounts` on `<bundle>/rootfs`; none leaves it as it is.
+    pub fn mount(mounts: &[containerd_shim_protos::api::Mount], bundle: &Path) -> Result<Rootfs> {
+        let target = bundle.join("rootfs");
+        if !mounts.is_empty() {
+            mount_rootfs(mounts, &target)?;
+        }
+        Ok(Rootfs {
+            target,
+            mounted: !mounts.is_empty(),
+        })
+    }
+
+    /// The rootfs of a container a predecessor daemon mounted.
+    pub fn adopt(bundle: &Path, mounted: bool) -> Rootfs {
+        Rootfs {
+            target: bundle.join("rootfs"),
+            mounted,
+        }
+    }
+
+    pub fn is_mounted(&self) -> bool {
+        self.mounted
+    }
+
+    /// Unmounts what `mount` mounted; idempotent.
+    pub fn unmount(&self) -> Result<()> {
+        if self.mounted {
+            unmount_all(&self.target)?;
+        }
+        Ok(())
+    }
 }
 
 #[cfg(test)]

@@ -56,6 +56,12 @@ impl StateStore {
             .map_err(io_context(format!("writing {}", path.display())))
     }
 
+    /// A directory a backend may keep a sandbox's files in (created by the
+    /// backend when it needs one; removed with the sandbox).
+    pub fn sandbox_dir(&self, namespace: &str, id: &str) -> PathBuf {
+        self.dir.join(namespace).join("sandbox-files").join(id)
+    }
+
     /// Removes a record and the namespace directories it leaves empty.
     pub fn remove(&self, record: Record, namespace: &str, id: &str) {
         let path = self.path(record, namespace, id);

@@ -48,6 +48,9 @@ pub struct SandboxHandover {
     #[serde(default)]
     pub grpc_address: String,
     pub members: Vec<String>,
+    /// What the backend said of its sandbox.
+    #[serde(default)]
+    pub backend: crate::backend::BackendRecord,
     /// The listening socket.
     pub fd: RawFd,
 }
@@ -209,9 +212,11 @@ pub async fn upgrade(
     reaper_task: &mut JoinHandle<()>,
 ) -> Error {
     let held = daemon.tasks_in_process();
-    if held > 0 {
+    if !held.is_empty() {
+        let what: Vec<String> = held.iter().map(|(k, n)| format!("{n} {k}")).collect();
         return Error::FailedPrecondition(format!(
-            "live upgrade refused: {held} wasm task(s) live inside this process and would be lost"
+            "live upgrade refused: {} task(s) live inside this process and would be lost",
+            what.join(", ")
         ));
     }
     tracing::info!("live upgrade: quiescing");
@@ -359,7 +364,10 @@ pub async fn adopt(daemon: &Arc<Daemon>, path: &Path) -> Result<OwnedFd> {
     let control = take_fd(handover.control_fd, &mut seen)?;
     for s in handover.sandboxes {
         let id = s.id.clone();
-        let adopted = take_fd(s.fd, &mut seen).and_then(|fd| daemon.adopt_sandbox(s, fd));
+        let adopted = match take_fd(s.fd, &mut seen) {
+            Ok(fd) => daemon.adopt_sandbox(s, fd).await,
+            Err(e) => Err(e),
+        };
         if let Err(e) = adopted {
             tracing::error!(sandbox = %id, "sandbox not taken over: {e}");
         }
@@ -440,6 +448,7 @@ mod tests {
                 ttrpc_address: "/run/containerd/containerd.sock.ttrpc".into(),
                 grpc_address: "/run/containerd/containerd.sock".into(),
                 members: vec!["pod".into(), "c1".into()],
+                backend: serde_json::json!({"pinned": ["net"]}),
                 fd: 4,
             }],
             tasks: vec![TaskRecord {
@@ -448,7 +457,7 @@ mod tests {
                 sandbox_id: "pod".into(),
                 kind: "runc".into(),
                 bundle: "/b".into(),
-                rootfs_mounted: true,
+                backend: serde_json::json!({"rootfs_mounted": true}),
                 init: ProcessRecord {
                     pid: 42,
                     status: "RUNNING".into(),

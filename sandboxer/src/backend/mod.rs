@@ -1,22 +1,29 @@
-//! The seam between the generic task layer and what runs the workload.
-//! A backend says only how to run a container of its kind; the Task API,
-//! events, stdio plumbing, rootfs mounts and persistence live above it.
+//! The seam between the generic layer and what runs the workload. A backend
+//! creates sandboxes (pods); a sandbox creates the containers that belong to
+//! it. The Task API, the sandbox lifecycle as containerd sees it, events,
+//! stdio plumbing and persistence live above this seam; a backend says only
+//! how its sandboxes and containers run, and declares what it can do.
 
 pub mod runc;
 pub mod stats;
 pub mod wasm;
 
 use std::os::fd::OwnedFd;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use async_trait::async_trait;
-use containerd_shim_protos::api::ProcessInfo;
+use containerd_shim_protos::api::{Mount, ProcessInfo};
 use kuasar_protocol::Kind;
 use protobuf::well_known_types::any::Any;
 use tokio::sync::mpsc;
 
 use crate::error::Result;
 use crate::stdio::{IoFds, StdioPaths};
+
+/// An opaque record a backend persists and hands over for one of its
+/// sandboxes or containers; the generic layer stores it and gives it back.
+pub type BackendRecord = serde_json::Value;
 
 /// What a container reports to the task layer.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -31,12 +38,36 @@ pub enum ContainerEvent {
 /// Where a container reports its events.
 pub type EventSink = mpsc::UnboundedSender<ContainerEvent>;
 
-/// What a backend needs to create a container. The bundle holds
-/// `config.json`, and its `rootfs` is already mounted.
+/// What a backend declares it can do. The generic layer asks this, never
+/// which kind it holds.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Capabilities {
+    /// Its workloads live outside the daemon's memory, so a re-executed
+    /// daemon can take them over (live upgrade).
+    pub survives_reexec: bool,
+}
+
+/// What a backend needs to create a sandbox.
+#[derive(Clone, Debug, Default)]
+pub struct SandboxRequest {
+    pub namespace: String,
+    pub id: String,
+    /// The pod's network namespace, when containerd made one (Sandbox API);
+    /// `None`: the pod's containers bring their own (a pause container) or
+    /// use the host's.
+    pub netns: Option<PathBuf>,
+    /// A directory of the daemon's reserved for this sandbox.
+    pub state_dir: PathBuf,
+}
+
+/// What a sandbox needs to create a container. The bundle holds
+/// `config.json`; `rootfs` are the mounts containerd sent, which the
+/// backend makes available to the container (and removes on delete).
 pub struct CreateRequest {
     pub namespace: String,
     pub id: String,
     pub bundle: PathBuf,
+    pub rootfs: Vec<Mount>,
     pub stdio: StdioPaths,
     pub events: EventSink,
     /// containerd's gRPC socket (empty if unknown), where its images are.
@@ -57,6 +88,8 @@ pub struct RestoreRequest {
     /// The stdio plumbing of its processes, as handed over.
     pub io: Vec<ProcessIoHandover>,
     pub events: EventSink,
+    /// What the container's [`Container::record`] said.
+    pub record: BackendRecord,
 }
 
 /// What a live upgrade hands over of one process's stdio plumbing.
@@ -77,28 +110,60 @@ pub struct ProcessIoHandover {
 pub trait Backend: Send + Sync {
     fn kind(&self) -> Kind;
 
-    /// Creates the container; its init process exists but has not started.
-    async fn create(&self, req: CreateRequest) -> Result<Box<dyn Container>>;
+    fn capabilities(&self) -> Capabilities;
+
+    /// Creates a sandbox; it holds nothing running until started.
+    async fn create_sandbox(&self, req: SandboxRequest) -> Result<Arc<dyn Sandbox>>;
+
+    /// Takes over a sandbox from a predecessor daemon, from what its
+    /// [`Sandbox::record`] said.
+    async fn restore_sandbox(
+        &self,
+        req: SandboxRequest,
+        record: BackendRecord,
+    ) -> Result<Arc<dyn Sandbox>>;
 
     /// Removes whatever is left of a container the daemon no longer tracks
-    /// (containerd's `shim delete` after a lost connection or a restart).
-    async fn cleanup(&self, namespace: &str, id: &str) -> Result<()>;
+    /// (containerd's `shim delete` after a lost connection or a restart),
+    /// its rootfs included.
+    async fn cleanup(&self, namespace: &str, id: &str, bundle: &Path) -> Result<()>;
+}
+
+/// One sandbox (pod) of a backend: what its containers share.
+#[async_trait]
+pub trait Sandbox: Send + Sync {
+    /// Makes the sandbox ready for containers (pins the pod's namespaces,
+    /// boots a VM); returns the pid containerd may report for it, 0 where
+    /// the sandbox has no process.
+    async fn start(&self) -> Result<u32>;
+
+    /// Releases what `start` set up. Its containers are gone by then.
+    async fn stop(&self) -> Result<()>;
+
+    /// Metrics of the sandbox as a whole, if it has any of its own.
+    async fn metrics(&self) -> Result<Option<Any>> {
+        Ok(None)
+    }
+
+    /// Creates a container in this sandbox; its init process exists but
+    /// has not started. A failure leaves nothing behind.
+    async fn create_container(&self, req: CreateRequest) -> Result<Box<dyn Container>>;
 
     /// Takes over a container from a predecessor daemon, reporting the
     /// exits of its live processes from now on.
-    async fn restore(&self, req: RestoreRequest) -> Result<Box<dyn Container>> {
-        Err(crate::error::Error::Unimplemented(format!(
-            "the {} backend cannot take over container {}",
-            self.kind(),
-            req.id
-        )))
+    async fn restore_container(&self, req: RestoreRequest) -> Result<Box<dyn Container>>;
+
+    /// What a successor needs to take this sandbox over.
+    fn record(&self) -> BackendRecord {
+        BackendRecord::Null
     }
 }
 
-/// One container of a backend. `exec_id` `None` means the init process.
+/// One container of a sandbox. `exec_id` `None` means the init process.
 #[async_trait]
 pub trait Container: Send + Sync {
-    /// The init process's pid (0 where a backend has no host process).
+    /// The pid containerd reports for the init process (0 where the backend
+    /// runs no process for it).
     fn pid(&self) -> u32;
 
     async fn start(&self) -> Result<u32>;
@@ -132,11 +197,16 @@ pub trait Container: Send + Sync {
     /// Releases an exited exec process's resources.
     async fn delete_exec(&self, exec_id: &str);
 
-    /// Removes the container; `force` kills what still runs.
+    /// Removes the container and its rootfs; `force` kills what still runs.
     async fn delete(&self, force: bool) -> Result<()>;
 
     /// Duplicates of its processes' stdio plumbing, for a live upgrade.
     async fn handover_io(&self) -> Vec<ProcessIoHandover> {
         Vec::new()
+    }
+
+    /// What a successor needs besides the generic task record.
+    fn record(&self) -> BackendRecord {
+        BackendRecord::Null
     }
 }

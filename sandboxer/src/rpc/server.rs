@@ -224,7 +224,7 @@ async fn serve_connection(
         let handler = handler.clone();
         let tx = tx.clone();
         tokio::spawn(async move {
-            let resp = dispatch(handler.as_ref(), &payload).await;
+            let resp = dispatch(&handler, &payload).await;
             let _ = tx.send((stream_id, resp));
         });
     };
@@ -325,7 +325,7 @@ async fn serve_connection(
     );
 }
 
-async fn dispatch(handler: &dyn Handler, payload: &[u8]) -> Vec<u8> {
+async fn dispatch(handler: &Arc<dyn Handler>, payload: &[u8]) -> Vec<u8> {
     let req = match Request::parse_from_bytes(payload) {
         Ok(r) => r,
         Err(e) => {
@@ -343,28 +343,39 @@ async fn dispatch(handler: &dyn Handler, payload: &[u8]) -> Vec<u8> {
         timeout: (req.timeout_nano > 0).then(|| Duration::from_nanos(req.timeout_nano as u64)),
     };
     let started = std::time::Instant::now();
-    let result = match ctx.timeout {
-        Some(t) => tokio::time::timeout(
-            t,
-            handler.handle(ctx.clone(), &req.service, &req.method, &req.payload),
-        )
-        .await
-        .unwrap_or_else(|_| {
-            Err(Error::Unavailable(format!(
-                "/{}/{} timed out after {t:?}",
-                req.service, req.method
-            )))
-        }),
-        None => {
+    let timeout = ctx.timeout;
+    let name = format!("/{}/{}", req.service, req.method);
+    // The handler runs as a task of its own: a panic in it becomes an
+    // answer, and a call whose deadline passes runs on to its end (a Create
+    // is finished, never dropped half-way) while the caller is told.
+    let mut call = tokio::spawn({
+        let handler = handler.clone();
+        async move {
             handler
                 .handle(ctx, &req.service, &req.method, &req.payload)
                 .await
         }
+    });
+    let joined = match timeout {
+        Some(t) => match tokio::time::timeout(t, &mut call).await {
+            Ok(joined) => joined,
+            Err(_) => Ok(Err(Error::DeadlineExceeded(format!(
+                "{name} did not finish within its deadline of {t:?}"
+            )))),
+        },
+        None => call.await,
     };
+    let result = joined.unwrap_or_else(|e| {
+        let why = crate::error::panic_message(e);
+        tracing::error!("{name} failed inside the daemon: {why}");
+        Err(Error::Internal(format!(
+            "{name} failed inside the daemon: {why}"
+        )))
+    });
     let took_us = started.elapsed().as_micros() as u64;
     match &result {
-        Ok(_) => tracing::debug!(took_us, "/{}/{}", req.service, req.method),
-        Err(e) => tracing::debug!(took_us, "/{}/{}: {e}", req.service, req.method),
+        Ok(_) => tracing::debug!(took_us, "{name}"),
+        Err(e) => tracing::debug!(took_us, "{name}: {e}"),
     }
     match result {
         Ok(payload) => {
@@ -383,4 +394,86 @@ fn error_response(err: &Error) -> Vec<u8> {
     let mut resp = Response::new();
     resp.status = Some(err.to_status()).into();
     resp.write_to_bytes().unwrap_or_default()
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::{AtomicBool, Ordering};
+
+    use super::*;
+
+    /// Panics on `Panic`, takes 200 ms (then records that it finished) on
+    /// `Slow`, fails with a missing file on `Missing`.
+    #[derive(Default)]
+    struct Handlers {
+        slow_finished: AtomicBool,
+    }
+
+    #[async_trait]
+    impl Handler for Handlers {
+        async fn handle(
+            &self,
+            _: RequestContext,
+            _: &str,
+            method: &str,
+            _: &[u8],
+        ) -> Result<Vec<u8>, Error> {
+            match method {
+                "Panic" => panic!("handler bug"),
+                "Slow" => {
+                    tokio::time::sleep(Duration::from_millis(200)).await;
+                    self.slow_finished.store(true, Ordering::SeqCst);
+                    Ok(vec![])
+                }
+                _ => Err(crate::error::io_context("reading runc's pid file")(
+                    std::io::Error::from(std::io::ErrorKind::NotFound),
+                )),
+            }
+        }
+    }
+
+    async fn call(handler: &Arc<dyn Handler>, method: &str, timeout: Option<Duration>) -> Response {
+        let mut req = Request::new();
+        req.service = "containerd.task.v2.Task".into();
+        req.method = method.into();
+        req.timeout_nano = timeout.map(|t| t.as_nanos() as i64).unwrap_or(0);
+        let resp = dispatch(handler, &req.write_to_bytes().unwrap()).await;
+        Response::parse_from_bytes(&resp).unwrap()
+    }
+
+    fn code(resp: &Response) -> i32 {
+        resp.status.code.value()
+    }
+
+    #[tokio::test]
+    async fn a_panicking_handler_answers_internal_and_the_server_serves_on() {
+        let handler: Arc<dyn Handler> = Arc::new(Handlers::default());
+        let resp = call(&handler, "Panic", None).await;
+        assert_eq!(code(&resp), kuasar_protocol::Code::Internal as i32);
+        assert!(
+            resp.status.message.contains("handler bug"),
+            "{}",
+            resp.status.message
+        );
+        let resp = call(&handler, "Slow", None).await;
+        assert_eq!(code(&resp), 0);
+    }
+
+    #[tokio::test]
+    async fn a_passed_deadline_answers_deadline_exceeded_and_the_call_still_finishes() {
+        let handlers = Arc::new(Handlers::default());
+        let handler: Arc<dyn Handler> = handlers.clone();
+        let resp = call(&handler, "Slow", Some(Duration::from_millis(20))).await;
+        assert_eq!(code(&resp), kuasar_protocol::Code::DeadlineExceeded as i32);
+        assert!(!handlers.slow_finished.load(Ordering::SeqCst));
+        tokio::time::sleep(Duration::from_millis(400)).await;
+        assert!(handlers.slow_finished.load(Ordering::SeqCst));
+    }
+
+    #[tokio::test]
+    async fn a_missing_file_inside_the_daemon_is_not_reported_as_task_not_found() {
+        let handler: Arc<dyn Handler> = Arc::new(Handlers::default());
+        let resp = call(&handler, "Missing", None).await;
+        assert_eq!(code(&resp), kuasar_protocol::Code::Unknown as i32);
+    }
 }

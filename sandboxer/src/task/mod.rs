@@ -15,7 +15,7 @@ use protobuf::well_known_types::timestamp::Timestamp;
 use protobuf::MessageDyn;
 use tokio::sync::watch;
 
-use crate::backend::Container;
+use crate::backend::{BackendRecord, Container};
 use crate::events::Publisher;
 use crate::stdio::StdioPaths;
 
@@ -270,7 +270,6 @@ pub struct Task {
     pub sandbox_id: String,
     pub kind: Kind,
     pub bundle: PathBuf,
-    pub rootfs_mounted: bool,
     pub container: Box<dyn Container>,
     pub init: Arc<Process>,
     pub execs: Mutex<HashMap<String, Arc<Process>>>,
@@ -288,7 +287,9 @@ pub struct TaskRecord {
     pub sandbox_id: String,
     pub kind: String,
     pub bundle: PathBuf,
-    pub rootfs_mounted: bool,
+    /// What the backend said of its container.
+    #[serde(default)]
+    pub backend: BackendRecord,
     /// The init process.
     #[serde(flatten)]
     pub init: ProcessRecord,
@@ -344,7 +345,7 @@ impl Task {
             sandbox_id: self.sandbox_id.clone(),
             kind: self.kind.as_str().into(),
             bundle: self.bundle.clone(),
-            rootfs_mounted: self.rootfs_mounted,
+            backend: self.container.record(),
             init: self.init.record(),
             execs: self
                 .execs

@@ -14,12 +14,12 @@ use super::{
     timestamp, EventTarget, Process, Task, TaskRecord, TOPIC_CREATE, TOPIC_DELETE,
     TOPIC_EXEC_ADDED, TOPIC_OOM, TOPIC_PAUSED, TOPIC_RESUMED,
 };
-use crate::backend::{Backend, ContainerEvent, CreateRequest, ProcessIoHandover, RestoreRequest};
+use crate::backend::{ContainerEvent, CreateRequest, ProcessIoHandover, RestoreRequest};
 use crate::daemon::{Daemon, Sandbox};
 use crate::error::{Error, Result};
+use crate::ids;
 use crate::rpc::{Handler, RequestContext};
 use crate::stdio::StdioPaths;
-use crate::{ids, mount};
 
 pub const SERVICES: [&str; 2] = ["containerd.task.v2.Task", "containerd.task.v3.Task"];
 
@@ -119,7 +119,6 @@ fn forward_events(
 pub async fn restore_task(
     daemon: &Arc<Daemon>,
     sandbox: &Sandbox,
-    backend: &dyn Backend,
     rec: TaskRecord,
     mut io: Vec<ProcessIoHandover>,
 ) -> Result<Arc<Task>> {
@@ -135,8 +134,9 @@ pub async fn restore_task(
                 .unwrap_or_default(),
         };
     }
-    let container = backend
-        .restore(RestoreRequest {
+    let container = sandbox
+        .backend
+        .restore_container(RestoreRequest {
             namespace: rec.namespace.clone(),
             id: rec.id.clone(),
             bundle: rec.bundle.clone(),
@@ -156,6 +156,7 @@ pub async fn restore_task(
                 .collect(),
             io,
             events: events_tx,
+            record: rec.backend,
         })
         .await?;
     let init = Process::restore(&rec.id, "", Vec::new(), &rec.init);
@@ -173,7 +174,6 @@ pub async fn restore_task(
         sandbox_id: rec.sandbox_id,
         kind: sandbox.kind,
         bundle: rec.bundle,
-        rootfs_mounted: rec.rootfs_mounted,
         container,
         init: Arc::new(init),
         execs: std::sync::Mutex::new(execs),
@@ -224,17 +224,12 @@ impl TaskService {
                 req.id
             )));
         }
-        let backend = self.daemon.backend(self.sandbox.kind)?;
         let bundle = std::path::PathBuf::from(&req.bundle);
         if !bundle.is_absolute() {
             return Err(Error::InvalidArgument(format!(
                 "bundle {:?} is not an absolute path",
                 req.bundle
             )));
-        }
-        let rootfs = bundle.join("rootfs");
-        if !req.rootfs.is_empty() {
-            mount::mount_rootfs(&req.rootfs, &rootfs)?;
         }
         let stdio = StdioPaths {
             stdin: req.stdin.clone(),
@@ -243,25 +238,19 @@ impl TaskService {
             terminal: req.terminal,
         };
         let (events_tx, events_rx) = tokio::sync::mpsc::unbounded_channel();
-        let created = backend
-            .create(CreateRequest {
+        let container = self
+            .sandbox
+            .backend
+            .create_container(CreateRequest {
                 namespace: ns.into(),
                 id: req.id.clone(),
                 bundle: bundle.clone(),
+                rootfs: req.rootfs.to_vec(),
                 stdio: stdio.clone(),
                 events: events_tx,
                 containerd: self.sandbox.grpc_address(),
             })
-            .await;
-        let container = match created {
-            Ok(c) => c,
-            Err(e) => {
-                if !req.rootfs.is_empty() {
-                    let _ = mount::unmount_all(&rootfs);
-                }
-                return Err(e);
-            }
-        };
+            .await?;
         let pid = container.pid();
         self.sandbox.add_member(&req.id);
         let task = Arc::new(Task {
@@ -270,7 +259,6 @@ impl TaskService {
             sandbox_id: self.sandbox.id.clone(),
             kind: self.sandbox.kind,
             bundle,
-            rootfs_mounted: !req.rootfs.is_empty(),
             container,
             init: Arc::new(Process::new(&req.id, "", stdio, Vec::new(), pid)),
             execs: Default::default(),
@@ -283,9 +271,6 @@ impl TaskService {
         });
         if let Err(e) = self.daemon.insert_task(task.clone()) {
             let _ = task.container.delete(true).await;
-            if task.rootfs_mounted {
-                let _ = mount::unmount_all(&rootfs);
-            }
             return Err(e);
         }
         forward_events(&self.daemon, &task, events_rx);
@@ -359,9 +344,6 @@ impl TaskService {
             task.container
                 .delete(view.status == Status::CREATED)
                 .await?;
-            if task.rootfs_mounted {
-                mount::unmount_all(&task.bundle.join("rootfs"))?;
-            }
             self.daemon.remove_task(ns, &req.id);
             let mut ev = TaskDelete::new();
             ev.container_id = req.id.clone();

@@ -14,7 +14,10 @@ use protobuf::well_known_types::any::Any;
 use protobuf::Message;
 
 use super::TaskService;
-use crate::backend::{Backend, Container, ContainerEvent, CreateRequest, EventSink};
+use crate::backend::{
+    Backend, BackendRecord, Capabilities, Container, ContainerEvent, CreateRequest, EventSink,
+    RestoreRequest, Sandbox, SandboxRequest,
+};
 use crate::config::Config;
 use crate::daemon::Daemon;
 use crate::error::{Error, Result};
@@ -36,14 +39,44 @@ impl Backend for FakeBackend {
     fn kind(&self) -> Kind {
         Kind::Runc
     }
-    async fn create(&self, req: CreateRequest) -> Result<Box<dyn Container>> {
+    fn capabilities(&self) -> Capabilities {
+        Capabilities {
+            survives_reexec: true,
+        }
+    }
+    async fn create_sandbox(&self, _: SandboxRequest) -> Result<Arc<dyn Sandbox>> {
+        Ok(Arc::new(FakeSandbox))
+    }
+    async fn restore_sandbox(
+        &self,
+        _: SandboxRequest,
+        _: BackendRecord,
+    ) -> Result<Arc<dyn Sandbox>> {
+        Ok(Arc::new(FakeSandbox))
+    }
+    async fn cleanup(&self, _: &str, _: &str, _: &std::path::Path) -> Result<()> {
+        Ok(())
+    }
+}
+
+struct FakeSandbox;
+
+#[async_trait]
+impl Sandbox for FakeSandbox {
+    async fn start(&self) -> Result<u32> {
+        Ok(0)
+    }
+    async fn stop(&self) -> Result<()> {
+        Ok(())
+    }
+    async fn create_container(&self, req: CreateRequest) -> Result<Box<dyn Container>> {
         Ok(Box::new(FakeContainer {
             events: req.events,
             execs: Mutex::default(),
         }))
     }
-    async fn cleanup(&self, _: &str, _: &str) -> Result<()> {
-        Ok(())
+    async fn restore_container(&self, _: RestoreRequest) -> Result<Box<dyn Container>> {
+        Err(Error::Unimplemented("fake".into()))
     }
 }
 
@@ -152,6 +185,7 @@ async fn fixture() -> Fixture {
             ttrpc_address: events_sock.display().to_string(),
             ..Default::default()
         })
+        .await
         .unwrap();
     let sandbox = daemon.sandbox("ns", "c1").unwrap();
     Fixture {

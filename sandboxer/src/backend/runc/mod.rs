@@ -22,28 +22,47 @@ use self::cli::{RuncCli, RuncStdio};
 use self::console::ConsoleSocket;
 use super::stats;
 use super::{
-    Backend, Container, ContainerEvent, CreateRequest, EventSink, ProcessIoHandover, RestoreRequest,
+    Backend, BackendRecord, Capabilities, Container, ContainerEvent, CreateRequest, EventSink,
+    ProcessIoHandover, RestoreRequest, Sandbox, SandboxRequest,
 };
 use crate::error::{io_context, Error, Result};
+use crate::mount::Rootfs;
 use crate::reaper::Reaper;
 use crate::stdio::{self, IoTasks, StdioPaths};
 
-pub struct Runc {
+/// What every sandbox and container of the backend shares.
+struct Shared {
     cli: Arc<RuncCli>,
     /// Console sockets are created here (short paths: sun_path is 108 bytes).
     console_dir: PathBuf,
 }
 
+pub struct Runc {
+    shared: Arc<Shared>,
+}
+
 impl Runc {
     pub fn new(binary: String, root: &Path, reaper: Arc<Reaper>) -> Runc {
         Runc {
-            cli: Arc::new(RuncCli {
-                binary,
-                root: root.join("runc"),
-                reaper,
+            shared: Arc::new(Shared {
+                cli: Arc::new(RuncCli {
+                    binary,
+                    root: root.join("runc"),
+                    reaper,
+                }),
+                console_dir: root.join("c"),
             }),
-            console_dir: root.join("c"),
         }
+    }
+
+    /// A sandbox of this backend, for another backend whose pods also hold
+    /// Linux containers (a wasm pod's pause container).
+    pub fn sandbox(&self, req: &SandboxRequest) -> Arc<RuncSandbox> {
+        Arc::new(RuncSandbox {
+            shared: self.shared.clone(),
+            namespace: req.namespace.clone(),
+            id: req.id.clone(),
+        })
     }
 }
 
@@ -53,11 +72,150 @@ impl Backend for Runc {
         Kind::Runc
     }
 
-    async fn create(&self, req: CreateRequest) -> Result<Box<dyn Container>> {
+    fn capabilities(&self) -> Capabilities {
+        // Containers are runc's processes; a re-executed daemon adopts them.
+        Capabilities {
+            survives_reexec: true,
+        }
+    }
+
+    async fn create_sandbox(&self, req: SandboxRequest) -> Result<Arc<dyn Sandbox>> {
+        Ok(self.sandbox(&req))
+    }
+
+    async fn restore_sandbox(
+        &self,
+        req: SandboxRequest,
+        _record: BackendRecord,
+    ) -> Result<Arc<dyn Sandbox>> {
+        Ok(self.sandbox(&req))
+    }
+
+    async fn cleanup(&self, namespace: &str, id: &str, bundle: &Path) -> Result<()> {
+        match self
+            .shared
+            .cli
+            .run(namespace, &["delete", "--force", id])
+            .await
+        {
+            Ok(_) | Err(Error::NotFound(_)) => {}
+            Err(e) => return Err(e),
+        }
+        Rootfs::adopt(bundle, true).unmount()
+    }
+}
+
+/// A pod whose containers runc runs on the host.
+pub struct RuncSandbox {
+    shared: Arc<Shared>,
+    namespace: String,
+    id: String,
+}
+
+/// What a successor needs of a runc container besides the task record.
+#[derive(serde::Serialize, serde::Deserialize)]
+struct ContainerRecord {
+    /// Records of earlier versions lack it; containerd always sends mounts.
+    #[serde(default = "mounted_by_default")]
+    rootfs_mounted: bool,
+}
+
+fn mounted_by_default() -> bool {
+    true
+}
+
+#[async_trait]
+impl Sandbox for RuncSandbox {
+    async fn start(&self) -> Result<u32> {
+        Ok(0)
+    }
+
+    async fn stop(&self) -> Result<()> {
+        tracing::debug!(namespace = %self.namespace, sandbox = %self.id, "runc sandbox stopped");
+        Ok(())
+    }
+
+    async fn create_container(&self, req: CreateRequest) -> Result<Box<dyn Container>> {
+        let rootfs = Rootfs::mount(&req.rootfs, &req.bundle)?;
+        self.create_mounted(req, rootfs).await
+    }
+
+    async fn restore_container(&self, req: RestoreRequest) -> Result<Box<dyn Container>> {
+        let cli = &self.shared.cli;
+        let record: ContainerRecord =
+            serde_json::from_value(req.record.clone()).unwrap_or(ContainerRecord {
+                rootfs_mounted: true,
+            });
+        // Exits that happened while the daemon re-executed are zombies the
+        // reaper collects now; subscribing finds them either way.
+        let mut oom = None;
+        if req.init_live {
+            watch_exit(&cli.reaper, req.pid, None, &req.events);
+            oom = watch_oom(req.pid, &req.id, &req.events);
+        }
+        let mut ios: HashMap<Option<String>, ProcessIoHandover> =
+            req.io.into_iter().map(|h| (h.exec_id.clone(), h)).collect();
+        let mut execs = HashMap::new();
+        for (exec_id, pid, live) in req.execs {
+            if live {
+                watch_exit(&cli.reaper, pid, Some(exec_id.clone()), &req.events);
+            }
+            let io = ios
+                .remove(&Some(exec_id.clone()))
+                .map(|h| adopt_io(&cli.reaper, h))
+                .unwrap_or_default();
+            execs.insert(exec_id, (pid, io));
+        }
+        let init = ios
+            .remove(&None)
+            .map(|h| adopt_io(&cli.reaper, h))
+            .unwrap_or_default();
+        Ok(Box::new(RuncContainer {
+            cli: cli.clone(),
+            console_dir: self.shared.console_dir.clone(),
+            namespace: req.namespace,
+            rootfs: Rootfs::adopt(&req.bundle, record.rootfs_mounted),
+            id: req.id,
+            bundle: req.bundle,
+            pid: req.pid,
+            events: req.events,
+            oom,
+            init: Mutex::new(init),
+            execs: Mutex::new(execs),
+        }))
+    }
+}
+
+impl RuncSandbox {
+    /// Creates a container whose rootfs is already mounted; a failure
+    /// removes what runc made and unmounts the rootfs.
+    pub async fn create_mounted(
+        &self,
+        req: CreateRequest,
+        rootfs: Rootfs,
+    ) -> Result<Box<dyn Container>> {
+        match self.create_in(&req, &rootfs).await {
+            Ok(c) => Ok(Box::new(c)),
+            Err(e) => {
+                let cli = &self.shared.cli;
+                let _ = cli
+                    .run(&req.namespace, &["delete", "--force", &req.id])
+                    .await;
+                if let Err(u) = rootfs.unmount() {
+                    tracing::warn!(id = %req.id, "rootfs left mounted: {u}");
+                }
+                Err(e)
+            }
+        }
+    }
+
+    /// `runc create` of a container whose rootfs is ready.
+    async fn create_in(&self, req: &CreateRequest, rootfs: &Rootfs) -> Result<RuncContainer> {
+        let cli = &self.shared.cli;
         // Lets `shim delete` clean up with runc even when the daemon is down.
         let runtime = BundleRuntime {
-            runc_binary: self.cli.binary.clone(),
-            runc_root: self.cli.root_for(&req.namespace).display().to_string(),
+            runc_binary: cli.binary.clone(),
+            runc_root: cli.root_for(&req.namespace).display().to_string(),
         };
         let runtime_file = req.bundle.join(kuasar_protocol::BUNDLE_RUNTIME_FILE);
         kuasar_protocol::shim::write_atomic(
@@ -76,8 +234,8 @@ impl Backend for Runc {
             pid_file.display().to_string(),
         ];
         let launched = launch(
-            &self.cli,
-            &self.console_dir,
+            cli,
+            &self.shared.console_dir,
             &req.namespace,
             &req.id,
             args,
@@ -86,77 +244,32 @@ impl Backend for Runc {
             &req.bundle.join("log.json"),
         )
         .await?;
-        watch_exit(&self.cli.reaper, launched.pid, None, &req.events);
-        let oom_sink = req.events.clone();
-        let oom = crate::oom::watch(launched.pid, move || {
-            let _ = oom_sink.send(ContainerEvent::Oom);
-        })
-        .map_err(|e| tracing::warn!(id = %req.id, "no OOM notifications: {e}"))
-        .ok();
-        Ok(Box::new(RuncContainer {
-            cli: self.cli.clone(),
-            console_dir: self.console_dir.clone(),
-            namespace: req.namespace,
-            id: req.id,
-            bundle: req.bundle,
+        watch_exit(&cli.reaper, launched.pid, None, &req.events);
+        Ok(RuncContainer {
+            cli: cli.clone(),
+            console_dir: self.shared.console_dir.clone(),
+            namespace: req.namespace.clone(),
+            id: req.id.clone(),
+            bundle: req.bundle.clone(),
+            rootfs: Rootfs::adopt(&req.bundle, rootfs.is_mounted()),
             pid: launched.pid,
-            events: req.events,
-            oom,
+            events: req.events.clone(),
+            oom: watch_oom(launched.pid, &req.id, &req.events),
             init: Mutex::new(launched.process),
             execs: Mutex::new(HashMap::new()),
-        }))
+        })
     }
+}
 
-    async fn restore(&self, req: RestoreRequest) -> Result<Box<dyn Container>> {
-        // Exits that happened while the daemon re-executed are zombies the
-        // reaper collects now; subscribing finds them either way.
-        let mut oom = None;
-        if req.init_live {
-            watch_exit(&self.cli.reaper, req.pid, None, &req.events);
-            let oom_sink = req.events.clone();
-            oom = crate::oom::watch(req.pid, move || {
-                let _ = oom_sink.send(ContainerEvent::Oom);
-            })
-            .map_err(|e| tracing::warn!(id = %req.id, "no OOM notifications: {e}"))
-            .ok();
-        }
-        let mut ios: HashMap<Option<String>, ProcessIoHandover> =
-            req.io.into_iter().map(|h| (h.exec_id.clone(), h)).collect();
-        let mut execs = HashMap::new();
-        for (exec_id, pid, live) in req.execs {
-            if live {
-                watch_exit(&self.cli.reaper, pid, Some(exec_id.clone()), &req.events);
-            }
-            let io = ios
-                .remove(&Some(exec_id.clone()))
-                .map(|h| adopt_io(&self.cli.reaper, h))
-                .unwrap_or_default();
-            execs.insert(exec_id, (pid, io));
-        }
-        let init = ios
-            .remove(&None)
-            .map(|h| adopt_io(&self.cli.reaper, h))
-            .unwrap_or_default();
-        Ok(Box::new(RuncContainer {
-            cli: self.cli.clone(),
-            console_dir: self.console_dir.clone(),
-            namespace: req.namespace,
-            id: req.id,
-            bundle: req.bundle,
-            pid: req.pid,
-            events: req.events,
-            oom,
-            init: Mutex::new(init),
-            execs: Mutex::new(execs),
-        }))
-    }
-
-    async fn cleanup(&self, namespace: &str, id: &str) -> Result<()> {
-        match self.cli.run(namespace, &["delete", "--force", id]).await {
-            Ok(_) | Err(Error::NotFound(_)) => Ok(()),
-            Err(e) => Err(e),
-        }
-    }
+/// Publishes the container's OOM kills; a cgroup that cannot be watched is
+/// logged, not fatal.
+fn watch_oom(pid: u32, id: &str, events: &EventSink) -> Option<tokio::task::JoinHandle<()>> {
+    let sink = events.clone();
+    crate::oom::watch(pid, move || {
+        let _ = sink.send(ContainerEvent::Oom);
+    })
+    .map_err(|e| tracing::warn!(%id, "no OOM notifications: {e}"))
+    .ok()
 }
 
 /// Restarts the copies of a process a predecessor ran (live upgrade). A
@@ -309,6 +422,7 @@ struct RuncContainer {
     namespace: String,
     id: String,
     bundle: PathBuf,
+    rootfs: Rootfs,
     pid: u32,
     events: EventSink,
     /// The OOM watcher, ended with the container.
@@ -528,6 +642,13 @@ impl Container for RuncContainer {
         for f in ["init.pid", "log.json", kuasar_protocol::BUNDLE_RUNTIME_FILE] {
             let _ = std::fs::remove_file(self.bundle.join(f));
         }
-        Ok(())
+        self.rootfs.unmount()
+    }
+
+    fn record(&self) -> BackendRecord {
+        serde_json::to_value(ContainerRecord {
+            rootfs_mounted: self.rootfs.is_mounted(),
+        })
+        .unwrap_or_default()
     }
 }

@@ -11,6 +11,7 @@ mod spec;
 mod tests;
 
 use std::os::fd::OwnedFd;
+use std::path::Path;
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -27,10 +28,15 @@ use wasmtime_wasi::{FsPerms, WasiCtxBuilder};
 pub use self::engine::WasmEngine;
 use self::engine::{Program, RunningGuard};
 use self::instance::{Control, Limiter, Memory, Outcome, State, Supervised};
+use super::runc;
 use super::stats::{self, Stats};
-use super::{Backend, Container, ContainerEvent, CreateRequest, EventSink};
+use super::{
+    Backend, BackendRecord, Capabilities, Container, ContainerEvent, CreateRequest, EventSink,
+    RestoreRequest, Sandbox, SandboxRequest,
+};
 use crate::config::WasmConfig;
 use crate::error::{io_context, Error, Result};
+use crate::mount::Rootfs;
 use crate::reaper::Reaper;
 use crate::stdio::{self, IoTasks};
 
@@ -50,7 +56,8 @@ struct ProgramDescriptor {
 /// Bytes a guest may have queued on stdout or stderr before a write waits.
 const OUTPUT_BUDGET: usize = 64 << 10;
 
-pub struct Wasm {
+/// The engine and what instances share, behind every wasm sandbox.
+pub struct Shared {
     root: std::path::PathBuf,
     config: WasmConfig,
     /// Made at the first wasm container: a node that runs none pays
@@ -59,14 +66,35 @@ pub struct Wasm {
     reaper: Arc<Reaper>,
 }
 
+pub struct Wasm {
+    shared: Arc<Shared>,
+    /// Runs the entry points of wasm pods that are not wasm (the pause
+    /// container of a CRI pod) as Linux containers, as runwasi does.
+    linux: runc::Runc,
+}
+
 impl Wasm {
-    pub fn new(root: &std::path::Path, cfg: &WasmConfig, reaper: Arc<Reaper>) -> Result<Wasm> {
+    pub fn new(
+        root: &std::path::Path,
+        cfg: &WasmConfig,
+        reaper: Arc<Reaper>,
+        linux: runc::Runc,
+    ) -> Result<Wasm> {
+        Ok(Wasm {
+            shared: Arc::new(Shared::new(root, cfg, reaper)?),
+            linux,
+        })
+    }
+}
+
+impl Shared {
+    pub fn new(root: &std::path::Path, cfg: &WasmConfig, reaper: Arc<Reaper>) -> Result<Shared> {
         if cfg.max_instances == 0 || cfg.max_memory_mib == 0 || cfg.threads == 0 {
             return Err(Error::InvalidArgument(
                 "[wasm] max_instances, max_memory_mib and threads must be at least 1".into(),
             ));
         }
-        Ok(Wasm {
+        Ok(Shared {
             root: root.to_path_buf(),
             config: cfg.clone(),
             engine: Mutex::new(None),
@@ -96,17 +124,111 @@ impl Backend for Wasm {
         Kind::Wasm
     }
 
-    async fn create(&self, req: CreateRequest) -> Result<Box<dyn Container>> {
-        Ok(Box::new(self.create_instance(req).await?))
+    fn capabilities(&self) -> Capabilities {
+        // Instances live in the daemon's memory: a re-exec would lose them.
+        Capabilities {
+            survives_reexec: false,
+        }
     }
 
-    async fn cleanup(&self, _namespace: &str, _id: &str) -> Result<()> {
-        // An instance leaves nothing outside the daemon.
-        Ok(())
+    async fn create_sandbox(&self, req: SandboxRequest) -> Result<Arc<dyn Sandbox>> {
+        Ok(Arc::new(WasmSandbox {
+            shared: self.shared.clone(),
+            linux: self.linux.sandbox(&req),
+        }))
+    }
+
+    async fn restore_sandbox(
+        &self,
+        req: SandboxRequest,
+        _record: BackendRecord,
+    ) -> Result<Arc<dyn Sandbox>> {
+        self.create_sandbox(req).await
+    }
+
+    async fn cleanup(&self, namespace: &str, id: &str, bundle: &Path) -> Result<()> {
+        // An instance leaves nothing outside the daemon but its rootfs; a
+        // Linux container of the pod leaves what runc leaves.
+        self.linux.cleanup(namespace, id, bundle).await
     }
 }
 
-impl Wasm {
+/// A wasm pod: its wasm containers are instances in the daemon, the rest
+/// (its pause container) Linux containers of the pod.
+struct WasmSandbox {
+    shared: Arc<Shared>,
+    linux: Arc<runc::RuncSandbox>,
+}
+
+/// The CRI annotation that marks a pod's pause container.
+const CONTAINER_TYPE: &str = "io.kubernetes.cri.container-type";
+
+#[async_trait]
+impl Sandbox for WasmSandbox {
+    async fn start(&self) -> Result<u32> {
+        self.linux.start().await
+    }
+
+    async fn stop(&self) -> Result<()> {
+        self.linux.stop().await
+    }
+
+    async fn create_container(&self, req: CreateRequest) -> Result<Box<dyn Container>> {
+        let rootfs = Rootfs::mount(&req.rootfs, &req.bundle)?;
+        let linux = {
+            let bundle = req.bundle.clone();
+            tokio::task::spawn_blocking(move || runs_as_linux(&bundle))
+                .await
+                .unwrap_or(false)
+        };
+        if linux {
+            return self.linux.create_mounted(req, rootfs).await;
+        }
+        match self.shared.create_instance(req).await {
+            Ok(mut c) => {
+                c.rootfs = rootfs;
+                Ok(Box::new(c))
+            }
+            Err(e) => {
+                let _ = rootfs.unmount();
+                Err(e)
+            }
+        }
+    }
+
+    async fn restore_container(&self, req: RestoreRequest) -> Result<Box<dyn Container>> {
+        // Only Linux containers survive a re-exec (see `capabilities`).
+        self.linux.restore_container(req).await
+    }
+}
+
+/// Whether a container of a wasm pod is a Linux container: the pod's pause
+/// container, or an entry point that is an ELF program, not wasm.
+fn runs_as_linux(bundle: &Path) -> bool {
+    let Ok(text) = std::fs::read(bundle.join("config.json")) else {
+        return false;
+    };
+    let Ok(spec) = serde_json::from_slice::<serde_json::Value>(&text) else {
+        return false;
+    };
+    if spec["annotations"][CONTAINER_TYPE] == "sandbox" {
+        return true;
+    }
+    let Some(entry) = spec["process"]["args"][0].as_str() else {
+        return false;
+    };
+    let root = spec["root"]["path"].as_str().unwrap_or("rootfs");
+    let root = bundle.join(root);
+    let path = root.join(entry.trim_start_matches('/'));
+    let mut magic = [0u8; 4];
+    use std::io::Read;
+    std::fs::File::open(&path)
+        .and_then(|mut f| f.read_exact(&mut magic))
+        .map(|_| &magic == b"\x7fELF")
+        .unwrap_or(false)
+}
+
+impl Shared {
     /// Not in the rootfs: the program may be a wasm layer of the image.
     async fn program_from_image(
         &self,
@@ -268,6 +390,7 @@ impl Wasm {
                 netns,
             }),
             io: tokio::sync::Mutex::new(io),
+            rootfs: Rootfs::adopt(&req.bundle, false),
         })
     }
 }
@@ -297,6 +420,8 @@ pub struct WasmContainer {
     control: Arc<Control>,
     run: Mutex<Run>,
     io: tokio::sync::Mutex<IoTasks>,
+    /// Set by the sandbox that mounted it.
+    rootfs: Rootfs,
 }
 
 /// Writes the end-of-run notice, without waiting long on a full FIFO.
@@ -311,17 +436,6 @@ async fn write_notice(fd: OwnedFd, text: String) {
     }
 }
 
-pub(super) fn panic_message(e: tokio::task::JoinError) -> String {
-    match e.try_into_panic() {
-        Ok(p) => p
-            .downcast_ref::<&str>()
-            .map(|s| s.to_string())
-            .or_else(|| p.downcast_ref::<String>().cloned())
-            .unwrap_or_else(|| "unknown panic".into()),
-        Err(e) => e.to_string(),
-    }
-}
-
 fn finish(events: &EventSink, outcome: &Outcome) {
     let _ = events.send(ContainerEvent::Exit(None, outcome.exit_status()));
 }
@@ -333,7 +447,7 @@ fn isolated<T: Send + 'static>(
     run: impl std::future::Future<Output = T> + Send + 'static,
 ) -> impl std::future::Future<Output = netns::Ended<T>> {
     let task = handle.spawn(run);
-    async move { task.await.map_err(panic_message) }
+    async move { task.await.map_err(crate::error::panic_message) }
 }
 
 /// Waits for an instance that runs in a task of its own (so that a panic
@@ -553,6 +667,6 @@ impl Container for WasmContainer {
         let mut io = std::mem::take(&mut *self.io.lock().await);
         io.close_stdin().await;
         drop(io);
-        Ok(())
+        self.rootfs.unmount()
     }
 }

@@ -145,7 +145,7 @@ impl<T: Send + 'static> NetThread<T> {
                 };
                 // A task of its own, so that a panic of host code is caught.
                 let ended = runtime.block_on(async { tokio::spawn(run).await });
-                let _ = done.send(ended.map_err(super::panic_message));
+                let _ = done.send(ended.map_err(crate::error::panic_message));
             })
             .map_err(|e| Error::Internal(format!("starting an instance thread: {e}")))?;
         match joined.await {

@@ -17,13 +17,13 @@ fn wat(name: &str) -> Vec<u8> {
     wat::parse_file(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()))
 }
 
-fn backend(root: &Path) -> Wasm {
+fn backend(root: &Path) -> Shared {
     let cfg = WasmConfig {
         enabled: true,
         max_instances: 250,
         ..Default::default()
     };
-    Wasm::new(root, &cfg, crate::reaper::Reaper::new()).unwrap()
+    Shared::new(root, &cfg, crate::reaper::Reaper::new()).unwrap()
 }
 
 struct Bundle {
@@ -70,6 +70,7 @@ impl Bundle {
             },
             events,
             containerd: String::new(),
+            rootfs: Vec::new(),
         }
     }
 
@@ -106,14 +107,17 @@ async fn exit_of(rx: &mut UnboundedReceiver<ContainerEvent>) -> u32 {
 }
 
 /// Creates and starts `bundle`; returns the container and its events.
-async fn start(wasm: &Wasm, bundle: &Bundle) -> (WasmContainer, UnboundedReceiver<ContainerEvent>) {
+async fn start(
+    wasm: &Shared,
+    bundle: &Bundle,
+) -> (WasmContainer, UnboundedReceiver<ContainerEvent>) {
     let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
     let c = wasm.create_instance(bundle.request(tx)).await.unwrap();
     assert_eq!(c.start().await.unwrap(), std::process::id());
     (c, rx)
 }
 
-async fn run(wasm: &Wasm, bundle: &Bundle) -> u32 {
+async fn run(wasm: &Shared, bundle: &Bundle) -> u32 {
     let (_c, mut rx) = start(wasm, bundle).await;
     exit_of(&mut rx).await
 }
@@ -421,7 +425,11 @@ async fn bad_programs_are_refused_at_create() {
     ];
     for (name, bytes, want) in cases {
         let b = Bundle::new(dir.path(), name, &bytes, &[], serde_json::json!({}));
-        let e = wasm.create(b.request(tx.clone())).await.err().expect(name);
+        let e = wasm
+            .create_instance(b.request(tx.clone()))
+            .await
+            .err()
+            .expect(name);
         assert!(e.to_string().contains(want), "{name}: {e}");
     }
     let b = Bundle::new(
@@ -432,7 +440,11 @@ async fn bad_programs_are_refused_at_create() {
         serde_json::json!({}),
     );
     std::fs::remove_file(b.dir.join("rootfs/app.wasm")).unwrap();
-    let e = wasm.create(b.request(tx.clone())).await.err().unwrap();
+    let e = wasm
+        .create_instance(b.request(tx.clone()))
+        .await
+        .err()
+        .unwrap();
     assert_eq!(e.code(), kuasar_protocol::Code::NotFound, "{e}");
 }
 
@@ -580,7 +592,11 @@ async fn sockets_only_when_asked_and_only_in_the_pods_network_namespace() {
     // What cannot be honoured fails Create, clearly.
     let (tx, _rx) = tokio::sync::mpsc::unbounded_channel();
     let bad = case("bad-value", netns_spec(Some("tcp,icmp"), None));
-    let e = wasm.create(bad.request(tx.clone())).await.err().unwrap();
+    let e = wasm
+        .create_instance(bad.request(tx.clone()))
+        .await
+        .err()
+        .unwrap();
     assert_eq!(e.code(), kuasar_protocol::Code::InvalidArgument, "{e}");
     assert!(e.to_string().contains("expected none, tcp, udp"), "{e}");
     let not_net = case(
@@ -588,7 +604,7 @@ async fn sockets_only_when_asked_and_only_in_the_pods_network_namespace() {
         netns_spec(Some("tcp"), Some(Path::new("/proc/self/ns/mnt"))),
     );
     let e = wasm
-        .create(not_net.request(tx.clone()))
+        .create_instance(not_net.request(tx.clone()))
         .await
         .err()
         .unwrap();
@@ -597,7 +613,11 @@ async fn sockets_only_when_asked_and_only_in_the_pods_network_namespace() {
         "missing-netns",
         netns_spec(Some("tcp"), Some(&dir.path().join("nope"))),
     );
-    let e = wasm.create(missing.request(tx)).await.err().unwrap();
+    let e = wasm
+        .create_instance(missing.request(tx))
+        .await
+        .err()
+        .unwrap();
     assert!(e.to_string().contains("opening network namespace"), "{e}");
 }
 
