@@ -1,0 +1,29 @@
+//! containerd 2.x's Sandbox API, served over a [`Controller`] trait.
+
+mod controller;
+mod status;
+mod types;
+
+pub use controller::Controller;
+pub use kuasar_protocol::Code;
+pub use status::Status;
+pub use types::*;
+
+/// containerd's gRPC messages (prost), for clients such as tests.
+pub mod proto {
+    pub mod containerd {
+        pub mod types {
+            include!(concat!(env!("OUT_DIR"), "/containerd.types.rs"));
+        }
+        pub mod services {
+            pub mod sandbox {
+                pub mod v1 {
+                    include!(concat!(
+                        env!("OUT_DIR"),
+                        "/containerd.services.sandbox.v1.rs"
+                    ));
+                }
+            }
+        }
+    }
+}
