@@ -24,6 +24,30 @@ pub struct Config {
     pub runc: RuncConfig,
     pub wasm: WasmConfig,
     pub vmm: BackendToggle,
+    pub containerd: ContainerdConfig,
+    /// Where containerd 2.x's `[proxy_plugins.NAME] type = "sandbox"`
+    /// connects; defaults to `<root>/sandbox.sock`.
+    pub sandbox_listen: Option<PathBuf>,
+}
+
+/// The containerd whose pods arrive without a shim exec (containerd 2.x's
+/// sandbox proxy): no shim tells the daemon its addresses then.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ContainerdConfig {
+    /// containerd's gRPC socket (its content store, for wasm layers).
+    pub address: String,
+    /// containerd's ttrpc socket, where task events are published.
+    pub ttrpc_address: String,
+}
+
+impl Default for ContainerdConfig {
+    fn default() -> Self {
+        ContainerdConfig {
+            address: "/run/containerd/containerd.sock".into(),
+            ttrpc_address: "/run/containerd/containerd.sock.ttrpc".into(),
+        }
+    }
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -79,6 +103,8 @@ impl Default for Config {
             runc: RuncConfig::default(),
             wasm: WasmConfig::default(),
             vmm: BackendToggle::default(),
+            containerd: ContainerdConfig::default(),
+            sandbox_listen: None,
         }
     }
 }
@@ -106,6 +132,12 @@ impl Config {
                 source: e,
             }),
         }
+    }
+
+    pub fn sandbox_listen_path(&self) -> PathBuf {
+        self.sandbox_listen
+            .clone()
+            .unwrap_or_else(|| self.root.join("sandbox.sock"))
     }
 
     pub fn listen_path(&self) -> PathBuf {

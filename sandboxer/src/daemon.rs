@@ -9,6 +9,7 @@ use std::sync::atomic::AtomicUsize;
 use std::sync::{Arc, Mutex};
 
 use kuasar_protocol::{wire, Kind};
+use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
 use crate::backend::{self, Backend, BackendRecord, ProcessIoHandover, SandboxRequest};
@@ -20,8 +21,9 @@ use crate::reaper::Reaper;
 use crate::rpc;
 use crate::rpc::server::{ConnHandover, ConnScope, Registry};
 use crate::state::{Record, StateStore};
-use crate::task::{service::TaskService, Task, TaskRecord};
-use crate::upgrade::SandboxHandover;
+use crate::task::{service::TaskService, ExitInfo, Task, TaskRecord};
+use crate::upgrade::{SandboxHandover, SandboxState};
+use std::time::SystemTime;
 
 /// Exit status reported for a task containerd gave up on (128 + SIGKILL).
 const KILLED: u32 = 137;
@@ -32,14 +34,12 @@ const MAX_ADDRESS: usize = 106;
 
 pub type Key = (String, String);
 
-/// A pod: its task socket, its backend's side, and the containers that
-/// belong to it.
+/// A pod: its task socket, its backend's side, its lifecycle as
+/// containerd's Sandbox API sees it, and the containers that belong to it.
 pub struct Sandbox {
     pub namespace: String,
     pub id: String,
     pub kind: Kind,
-    /// What the backend runs for the pod.
-    pub backend: Arc<dyn backend::Sandbox>,
     pub socket: PathBuf,
     pub address: String,
     /// containerd's ttrpc socket, for this sandbox's events.
@@ -52,6 +52,30 @@ pub struct Sandbox {
     /// The listening socket, kept apart from the accept task so that the
     /// socket outlives it across a live upgrade.
     listen_fd: OwnedFd,
+    life: Mutex<Lifecycle>,
+    /// Serialises create, start and stop.
+    transition: tokio::sync::Mutex<()>,
+    exited: watch::Sender<Option<ExitInfo>>,
+}
+
+/// Where a sandbox stands.
+struct Lifecycle {
+    /// What the backend runs for the pod, once created.
+    backend: Option<Arc<dyn backend::Sandbox>>,
+    /// Made through the Sandbox API: it lives until Shutdown, not until
+    /// its last container leaves.
+    explicit: bool,
+    ready: bool,
+    pid: u32,
+    created_at: SystemTime,
+}
+
+/// A sandbox's state for the Sandbox API.
+pub struct SandboxView {
+    pub ready: bool,
+    pub pid: u32,
+    pub created_at: SystemTime,
+    pub exit: Option<ExitInfo>,
 }
 
 #[derive(serde::Serialize)]
@@ -62,6 +86,7 @@ struct SandboxRecord<'a> {
     address: &'a str,
     ttrpc_address: String,
     members: Vec<String>,
+    explicit: bool,
     backend: BackendRecord,
 }
 
@@ -78,6 +103,140 @@ impl Sandbox {
         self.members.lock().unwrap().insert(id.to_string());
     }
 
+    /// The backend's sandbox, if it was created.
+    pub fn backend(&self) -> Option<Arc<dyn backend::Sandbox>> {
+        self.life.lock().unwrap().backend.clone()
+    }
+
+    pub fn is_explicit(&self) -> bool {
+        self.life.lock().unwrap().explicit
+    }
+
+    pub fn view(&self) -> SandboxView {
+        let life = self.life.lock().unwrap();
+        SandboxView {
+            ready: life.ready,
+            pid: life.pid,
+            created_at: life.created_at,
+            exit: *self.exited.borrow(),
+        }
+    }
+
+    /// The backend's sandbox, ready for containers. A pod whose containers
+    /// arrive without a Sandbox API call first (a pause container, a
+    /// container of no pod) is created and started here.
+    pub async fn ready_backend(&self, daemon: &Daemon) -> Result<Arc<dyn backend::Sandbox>> {
+        let _t = self.transition.lock().await;
+        let (backend, ready) = {
+            let life = self.life.lock().unwrap();
+            (life.backend.clone(), life.ready)
+        };
+        match backend {
+            Some(b) if ready => Ok(b),
+            Some(_) => Err(Error::FailedPrecondition(format!(
+                "sandbox {} is not ready",
+                self.id
+            ))),
+            None => {
+                let b = daemon
+                    .backend(self.kind)?
+                    .create_sandbox(daemon.sandbox_request(&self.namespace, &self.id))
+                    .await?;
+                let pid = b.start().await?;
+                let mut life = self.life.lock().unwrap();
+                life.backend = Some(b.clone());
+                life.ready = true;
+                life.pid = pid;
+                Ok(b)
+            }
+        }
+    }
+
+    /// Sandbox API Create: the backend's sandbox, made with what containerd
+    /// prepared for the pod.
+    pub async fn create_backend(&self, backend: &dyn Backend, req: SandboxRequest) -> Result<()> {
+        let _t = self.transition.lock().await;
+        if self.life.lock().unwrap().backend.is_some() {
+            return Err(Error::AlreadyExists(format!(
+                "sandbox {} already exists",
+                self.id
+            )));
+        }
+        let b = backend.create_sandbox(req).await?;
+        let mut life = self.life.lock().unwrap();
+        life.backend = Some(b);
+        life.explicit = true;
+        life.created_at = SystemTime::now();
+        Ok(())
+    }
+
+    /// Sandbox API Start; returns the sandbox's pid (0: none).
+    pub async fn start(&self) -> Result<u32> {
+        let _t = self.transition.lock().await;
+        let backend = self.backend().ok_or_else(|| {
+            Error::FailedPrecondition(format!("sandbox {} was not created", self.id))
+        })?;
+        if self.exited.borrow().is_some() {
+            return Err(Error::FailedPrecondition(format!(
+                "sandbox {} has stopped",
+                self.id
+            )));
+        }
+        if self.life.lock().unwrap().ready {
+            return Ok(self.life.lock().unwrap().pid);
+        }
+        let pid = backend.start().await?;
+        let mut life = self.life.lock().unwrap();
+        life.ready = true;
+        life.pid = pid;
+        Ok(pid)
+    }
+
+    /// Releases what the backend set up for the pod and wakes every Wait;
+    /// idempotent.
+    pub async fn stop(&self) -> Result<()> {
+        let _t = self.transition.lock().await;
+        if self.exited.borrow().is_some() {
+            return Ok(());
+        }
+        if let Some(b) = self.backend() {
+            b.stop().await?;
+        }
+        self.life.lock().unwrap().ready = false;
+        self.exited.send_replace(Some(ExitInfo {
+            status: 0,
+            at: SystemTime::now(),
+        }));
+        Ok(())
+    }
+
+    /// Waits until the sandbox has stopped.
+    pub async fn wait(&self) -> ExitInfo {
+        let mut rx = self.exited.subscribe();
+        loop {
+            if let Some(exit) = *rx.borrow_and_update() {
+                return exit;
+            }
+            if rx.changed().await.is_err() {
+                std::future::pending::<()>().await;
+            }
+        }
+    }
+
+    fn handover_state(&self) -> SandboxState {
+        let life = self.life.lock().unwrap();
+        SandboxState {
+            // Pods of earlier versions had no lifecycle: their backend side
+            // existed, ready, whenever they had a container.
+            created: life.backend.is_some(),
+            explicit: life.explicit,
+            ready: life.ready,
+            pid: life.pid,
+            created_at_nanos: crate::task::nanos(life.created_at),
+            exited_at_nanos: self.exited.borrow().map(|e| crate::task::nanos(e.at)),
+        }
+    }
+
     fn record(&self) -> SandboxRecord<'_> {
         SandboxRecord {
             namespace: &self.namespace,
@@ -86,7 +245,8 @@ impl Sandbox {
             address: &self.address,
             ttrpc_address: self.ttrpc_address(),
             members: self.members.lock().unwrap().iter().cloned().collect(),
-            backend: self.backend.record(),
+            explicit: self.is_explicit(),
+            backend: self.backend().map(|b| b.record()).unwrap_or_default(),
         }
     }
 }
@@ -264,7 +424,7 @@ impl Daemon {
     /// Removes `id` from its sandbox; the last one out closes the socket.
     /// Connections already accepted stay open until containerd closes them.
     fn leave_sandbox(&self, namespace: &str, id: &str, sandbox_id: Option<&str>) {
-        let mut sandboxes = self.sandboxes.lock().unwrap();
+        let sandboxes = self.sandboxes.lock().unwrap();
         let found = match sandbox_id {
             Some(s) => sandboxes.get(&key(namespace, s)).cloned(),
             None => sandboxes
@@ -278,30 +438,25 @@ impl Daemon {
             m.remove(id);
             m.is_empty()
         };
-        if empty
-            && !self
+        let busy = !empty
+            || sandbox.is_explicit()
+            || self
                 .tasks
                 .lock()
                 .unwrap()
                 .values()
-                .any(|t| t.namespace == namespace && t.sandbox_id == sandbox.id)
-        {
-            sandboxes.remove(&key(namespace, &sandbox.id));
-            if let Some(h) = sandbox.listener.lock().unwrap().take() {
-                h.abort();
-            }
-            let _ = std::fs::remove_file(&sandbox.socket);
-            self.store.remove(Record::Sandbox, namespace, &sandbox.id);
-            let released = sandbox.clone();
-            tokio::spawn(async move {
-                if let Err(e) = released.backend.stop().await {
-                    tracing::warn!(sandbox = %released.id, "stopping the sandbox: {e}");
-                }
-            });
-            tracing::info!(namespace, sandbox = %sandbox.id, "sandbox released");
-        } else {
+                .any(|t| t.namespace == namespace && t.sandbox_id == sandbox.id);
+        drop(sandboxes);
+        if busy {
             self.save_sandbox(&sandbox);
+            return;
         }
+        self.release_sandbox(&sandbox);
+        tokio::spawn(async move {
+            if let Err(e) = sandbox.stop().await {
+                tracing::warn!(sandbox = %sandbox.id, "stopping the sandbox: {e}");
+            }
+        });
     }
 
     fn parse_kind(&self, kind: &str) -> Result<Kind> {
@@ -355,8 +510,9 @@ impl Daemon {
         }
     }
 
-    /// A pod whose first container is its own sandbox (a pause container,
-    /// or a container of no pod): created and ready at once.
+    /// The task socket of a pod not known yet (`shim start` of its first
+    /// container, or of the sandbox in containerd 2.x's shim mode). The
+    /// backend's side is made at the first Task or Sandbox API Create.
     async fn open_implicit(
         self: &Arc<Self>,
         namespace: &str,
@@ -369,11 +525,7 @@ impl Daemon {
         if let Some(s) = self.find_sandbox(namespace, id, kind)? {
             return Ok(s);
         }
-        let sandbox = self.open_sandbox(namespace, id, kind).await?;
-        if let Err(e) = sandbox.backend.start().await {
-            let _ = std::fs::remove_file(&sandbox.socket);
-            return Err(e);
-        }
+        let sandbox = self.open_sandbox(namespace, id, kind)?;
         self.register_sandbox(&sandbox)?;
         Ok(sandbox)
     }
@@ -392,27 +544,23 @@ impl Daemon {
         Ok(())
     }
 
-    fn sandbox_request(&self, namespace: &str, id: &str) -> SandboxRequest {
+    pub fn sandbox_request(&self, namespace: &str, id: &str) -> SandboxRequest {
         SandboxRequest {
             namespace: namespace.into(),
             id: id.into(),
-            netns: None,
+            pod: None,
             state_dir: self.store.sandbox_dir(namespace, id),
         }
     }
 
-    /// Creates the backend's sandbox and binds its task socket; nothing
-    /// serves it until it is registered.
-    async fn open_sandbox(
+    /// Binds a sandbox's task socket; nothing serves it until it is
+    /// registered.
+    fn open_sandbox(
         self: &Arc<Self>,
         namespace: &str,
         id: &str,
         kind: Kind,
     ) -> Result<Arc<Sandbox>> {
-        let inner = self
-            .backend(kind)?
-            .create_sandbox(self.sandbox_request(namespace, id))
-            .await?;
         let socket = self.socket_dir.join(socket_name(namespace, id));
         let _ = std::fs::remove_file(&socket);
         let listener = std::os::unix::net::UnixListener::bind(&socket).map_err(io_context(
@@ -424,15 +572,63 @@ impl Daemon {
             namespace: namespace.into(),
             id: id.into(),
             kind,
-            backend: inner,
             address: format!("unix://{}", socket.display()),
             socket,
-            ttrpc_address: Mutex::new(String::new()),
-            grpc_address: Mutex::new(String::new()),
+            ttrpc_address: Mutex::new(self.config.containerd.ttrpc_address.clone()),
+            grpc_address: Mutex::new(self.config.containerd.address.clone()),
             members: Mutex::new(HashSet::new()),
             listener: Mutex::new(None),
             listen_fd: OwnedFd::from(listener),
+            life: Mutex::new(Lifecycle {
+                backend: None,
+                explicit: false,
+                ready: false,
+                pid: 0,
+                created_at: SystemTime::now(),
+            }),
+            transition: tokio::sync::Mutex::new(()),
+            exited: watch::channel(None).0,
         }))
+    }
+
+    /// Sandbox API Create of a pod containerd has not resolved through a
+    /// shim (proxy mode): its task socket is made now.
+    pub async fn sandbox_for_create(
+        self: &Arc<Self>,
+        namespace: &str,
+        id: &str,
+        kind: Kind,
+    ) -> Result<Arc<Sandbox>> {
+        ids::validate("namespace", namespace)?;
+        ids::validate("sandbox id", id)?;
+        self.backend(kind)?;
+        self.open_implicit(namespace, id, kind).await
+    }
+
+    /// Sandbox API Shutdown: stops the sandbox if it still runs and forgets
+    /// it, with its socket and state. Containers still in it are left to
+    /// their own deletes.
+    pub async fn shutdown_sandbox(&self, namespace: &str, id: &str) -> Result<()> {
+        let sandbox = self.sandbox(namespace, id)?;
+        sandbox.stop().await?;
+        self.release_sandbox(&sandbox);
+        Ok(())
+    }
+
+    /// Forgets a sandbox: its socket and record go; connections already
+    /// accepted stay open until containerd closes them.
+    fn release_sandbox(&self, sandbox: &Arc<Sandbox>) {
+        self.sandboxes
+            .lock()
+            .unwrap()
+            .remove(&key(&sandbox.namespace, &sandbox.id));
+        if let Some(h) = sandbox.listener.lock().unwrap().take() {
+            h.abort();
+        }
+        let _ = std::fs::remove_file(&sandbox.socket);
+        self.store
+            .remove(Record::Sandbox, &sandbox.namespace, &sandbox.id);
+        tracing::info!(namespace = %sandbox.namespace, sandbox = %sandbox.id, "sandbox released");
     }
 
     fn handler(self: &Arc<Self>, sandbox: &Arc<Sandbox>) -> Arc<dyn rpc::Handler> {
@@ -504,7 +700,8 @@ impl Daemon {
                 ttrpc_address: s.ttrpc_address(),
                 grpc_address: s.grpc_address(),
                 members: s.members.lock().unwrap().iter().cloned().collect(),
-                backend: s.backend.record(),
+                backend: s.backend().map(|b| b.record()).unwrap_or_default(),
+                state: s.handover_state(),
                 fd: s.listen_fd.as_raw_fd(),
             })
             .collect()
@@ -517,15 +714,19 @@ impl Daemon {
         listen_fd: OwnedFd,
     ) -> Result<()> {
         let kind = self.parse_kind(&h.kind)?;
-        let inner = self
-            .backend(kind)?
-            .restore_sandbox(self.sandbox_request(&h.namespace, &h.id), h.backend)
-            .await?;
+        let view = h.state.clone();
+        let backend = match view.created {
+            true => Some(
+                self.backend(kind)?
+                    .restore_sandbox(self.sandbox_request(&h.namespace, &h.id), h.backend)
+                    .await?,
+            ),
+            false => None,
+        };
         let sandbox = Arc::new(Sandbox {
             namespace: h.namespace,
             id: h.id,
             kind,
-            backend: inner,
             socket: h.socket,
             address: h.address,
             ttrpc_address: Mutex::new(h.ttrpc_address),
@@ -533,6 +734,19 @@ impl Daemon {
             members: Mutex::new(h.members.into_iter().collect()),
             listener: Mutex::new(None),
             listen_fd,
+            life: Mutex::new(Lifecycle {
+                backend,
+                explicit: view.explicit,
+                ready: view.ready,
+                pid: view.pid,
+                created_at: crate::task::from_nanos(view.created_at_nanos),
+            }),
+            transition: tokio::sync::Mutex::new(()),
+            exited: watch::channel(view.exited_at_nanos.map(|at| ExitInfo {
+                status: 0,
+                at: crate::task::from_nanos(at),
+            }))
+            .0,
         });
         self.start_listener(&sandbox)?;
         self.sandboxes

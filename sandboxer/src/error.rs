@@ -53,6 +53,22 @@ impl Error {
         }
     }
 
+    /// An error refused with `code` elsewhere (the Sandbox API layer), kept
+    /// with its meaning.
+    pub fn from_code(code: Code, message: String) -> Error {
+        match code {
+            Code::InvalidArgument => Error::InvalidArgument(message),
+            Code::NotFound => Error::NotFound(message),
+            Code::AlreadyExists => Error::AlreadyExists(message),
+            Code::FailedPrecondition => Error::FailedPrecondition(message),
+            Code::Unimplemented => Error::Unimplemented(message),
+            Code::Unavailable => Error::Unavailable(message),
+            Code::ResourceExhausted => Error::ResourceExhausted(message),
+            Code::DeadlineExceeded => Error::DeadlineExceeded(message),
+            _ => Error::Internal(message),
+        }
+    }
+
     /// The ttrpc status containerd receives for this error.
     pub fn to_status(&self) -> ttrpc::proto::Status {
         let mut s = ttrpc::proto::Status::new();

@@ -12,8 +12,10 @@ pub mod events;
 pub mod ids;
 pub mod mount;
 pub mod oom;
+pub mod podns;
 pub mod reaper;
 pub mod rpc;
+pub mod sandbox_api;
 pub mod spawn;
 pub mod state;
 pub mod stdio;
@@ -89,7 +91,13 @@ pub async fn run_with_handover(config: Config, handover: Option<PathBuf>) -> Res
             .map(OwnedFd::from)
             .map_err(error::io_context("detaching the private socket"))?,
     };
-    tracing::info!(listen = %listen.display(), "kuasar-sandboxer ready");
+    let sandbox_listen = daemon.config.sandbox_listen_path();
+    let sandbox_socket = control::bind(&sandbox_listen)?;
+    let (stop_controller, controller_stopped) = tokio::sync::oneshot::channel::<()>();
+    let controller = tokio::spawn(sandbox_api::serve(sandbox_socket, daemon.clone(), async {
+        let _ = controller_stopped.await;
+    }));
+    tracing::info!(listen = %listen.display(), sandbox_controller = %sandbox_listen.display(), "kuasar-sandboxer ready");
     let mut control = serve_control(&control_fd, daemon.clone())?;
     let mut term =
         signal(SignalKind::terminate()).map_err(error::io_context("watching SIGTERM"))?;
@@ -110,7 +118,10 @@ pub async fn run_with_handover(config: Config, handover: Option<PathBuf>) -> Res
         }
     }
     control.abort();
+    let _ = stop_controller.send(());
+    let _ = tokio::time::timeout(std::time::Duration::from_secs(2), controller).await;
     let _ = std::fs::remove_file(&listen);
+    let _ = std::fs::remove_file(&sandbox_listen);
     tracing::info!("kuasar-sandboxer stopping");
     Ok(())
 }

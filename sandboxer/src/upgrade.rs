@@ -51,8 +51,37 @@ pub struct SandboxHandover {
     /// What the backend said of its sandbox.
     #[serde(default)]
     pub backend: crate::backend::BackendRecord,
+    #[serde(default)]
+    pub state: SandboxState,
     /// The listening socket.
     pub fd: RawFd,
+}
+
+/// A sandbox's lifecycle, as handed over.
+#[derive(serde::Serialize, serde::Deserialize, Debug, Clone, PartialEq, Eq)]
+pub struct SandboxState {
+    /// The backend's side exists.
+    pub created: bool,
+    pub explicit: bool,
+    pub ready: bool,
+    pub pid: u32,
+    pub created_at_nanos: i64,
+    pub exited_at_nanos: Option<i64>,
+}
+
+impl Default for SandboxState {
+    /// A sandbox of an earlier version: made and ready with its first
+    /// container.
+    fn default() -> Self {
+        SandboxState {
+            created: true,
+            explicit: false,
+            ready: true,
+            pid: 0,
+            created_at_nanos: 0,
+            exited_at_nanos: None,
+        }
+    }
 }
 
 #[derive(serde::Serialize, serde::Deserialize, Debug, Clone, PartialEq, Eq)]
@@ -449,6 +478,7 @@ mod tests {
                 grpc_address: "/run/containerd/containerd.sock".into(),
                 members: vec!["pod".into(), "c1".into()],
                 backend: serde_json::json!({"pinned": ["net"]}),
+                state: SandboxState::default(),
                 fd: 4,
             }],
             tasks: vec![TaskRecord {

@@ -52,12 +52,21 @@ pub struct Capabilities {
 pub struct SandboxRequest {
     pub namespace: String,
     pub id: String,
-    /// The pod's network namespace, when containerd made one (Sandbox API);
-    /// `None`: the pod's containers bring their own (a pause container) or
-    /// use the host's.
-    pub netns: Option<PathBuf>,
+    /// Set for a pod made through containerd's Sandbox API, whose sandbox
+    /// holds the pod's namespaces. `None`: its containers bring their own
+    /// (a pause container holds them) or use the host's.
+    pub pod: Option<PodConfig>,
     /// A directory of the daemon's reserved for this sandbox.
     pub state_dir: PathBuf,
+}
+
+/// What containerd's Sandbox API says of a pod.
+#[derive(Clone, Debug, Default)]
+pub struct PodConfig {
+    /// The network namespace containerd made and configured (CNI); `None`
+    /// for host networking.
+    pub netns: Option<PathBuf>,
+    pub hostname: Option<String>,
 }
 
 /// What a sandbox needs to create a container. The bundle holds

@@ -333,7 +333,7 @@ pub fn parse_status(s: &str) -> Status {
     }
 }
 
-fn from_nanos(n: i64) -> SystemTime {
+pub fn from_nanos(n: i64) -> SystemTime {
     UNIX_EPOCH + std::time::Duration::from_nanos(u64::try_from(n).unwrap_or(0))
 }
 

@@ -19,6 +19,7 @@ use crate::daemon::{Daemon, Sandbox};
 use crate::error::{Error, Result};
 use crate::ids;
 use crate::rpc::{Handler, RequestContext};
+use crate::sandbox_api::SandboxController;
 use crate::stdio::StdioPaths;
 
 pub const SERVICES: [&str; 2] = ["containerd.task.v2.Task", "containerd.task.v3.Task"];
@@ -48,15 +49,25 @@ impl Handler for TaskService {
         method: &str,
         payload: &[u8],
     ) -> Result<Vec<u8>> {
+        let ns = ctx
+            .namespace
+            .unwrap_or_else(|| self.sandbox.namespace.clone());
+        ids::validate("namespace", &ns)?;
+        if service == kuasar_sandbox_api::TTRPC_SERVICE {
+            // containerd 2.x's shim mode: the Sandbox API at the pod's address.
+            let controller = SandboxController {
+                daemon: self.daemon.clone(),
+                socket_kind: Some(self.sandbox.kind),
+            };
+            return kuasar_sandbox_api::handle_ttrpc(&controller, &ns, method, payload)
+                .await
+                .map_err(|s| Error::from_code(s.code, s.message));
+        }
         if !SERVICES.contains(&service) {
             return Err(Error::Unimplemented(format!(
                 "service {service} is not served here"
             )));
         }
-        let ns = ctx
-            .namespace
-            .unwrap_or_else(|| self.sandbox.namespace.clone());
-        ids::validate("namespace", &ns)?;
         macro_rules! call {
             ($f:ident) => {
                 encode(&self.$f(&ns, decode(payload)?).await?)
@@ -134,8 +145,13 @@ pub async fn restore_task(
                 .unwrap_or_default(),
         };
     }
-    let container = sandbox
-        .backend
+    let backend = sandbox.backend().ok_or_else(|| {
+        Error::FailedPrecondition(format!(
+            "sandbox {} was handed over without its backend",
+            sandbox.id
+        ))
+    })?;
+    let container = backend
         .restore_container(RestoreRequest {
             namespace: rec.namespace.clone(),
             id: rec.id.clone(),
@@ -240,7 +256,8 @@ impl TaskService {
         let (events_tx, events_rx) = tokio::sync::mpsc::unbounded_channel();
         let container = self
             .sandbox
-            .backend
+            .ready_backend(&self.daemon)
+            .await?
             .create_container(CreateRequest {
                 namespace: ns.into(),
                 id: req.id.clone(),

@@ -23,10 +23,11 @@ use self::console::ConsoleSocket;
 use super::stats;
 use super::{
     Backend, BackendRecord, Capabilities, Container, ContainerEvent, CreateRequest, EventSink,
-    ProcessIoHandover, RestoreRequest, Sandbox, SandboxRequest,
+    PodConfig, ProcessIoHandover, RestoreRequest, Sandbox, SandboxRequest,
 };
 use crate::error::{io_context, Error, Result};
 use crate::mount::Rootfs;
+use crate::podns::PodNamespaces;
 use crate::reaper::Reaper;
 use crate::stdio::{self, IoTasks, StdioPaths};
 
@@ -62,7 +63,23 @@ impl Runc {
             shared: self.shared.clone(),
             namespace: req.namespace.clone(),
             id: req.id.clone(),
+            pod: req.pod.clone(),
+            state_dir: req.state_dir.clone(),
+            namespaces: std::sync::Mutex::new(None),
         })
+    }
+
+    /// A sandbox a predecessor daemon ran, with the namespaces it pinned.
+    pub fn restored_sandbox(
+        &self,
+        req: &SandboxRequest,
+        record: BackendRecord,
+    ) -> Arc<RuncSandbox> {
+        let s = self.sandbox(req);
+        if let Ok(SandboxRecord { namespaces }) = serde_json::from_value(record) {
+            *s.namespaces.lock().unwrap() = namespaces;
+        }
+        s
     }
 }
 
@@ -86,9 +103,9 @@ impl Backend for Runc {
     async fn restore_sandbox(
         &self,
         req: SandboxRequest,
-        _record: BackendRecord,
+        record: BackendRecord,
     ) -> Result<Arc<dyn Sandbox>> {
-        Ok(self.sandbox(&req))
+        Ok(self.restored_sandbox(&req, record))
     }
 
     async fn cleanup(&self, namespace: &str, id: &str, bundle: &Path) -> Result<()> {
@@ -110,6 +127,16 @@ pub struct RuncSandbox {
     shared: Arc<Shared>,
     namespace: String,
     id: String,
+    /// Set when the sandbox holds the pod's namespaces (Sandbox API).
+    pod: Option<PodConfig>,
+    state_dir: PathBuf,
+    namespaces: std::sync::Mutex<Option<PodNamespaces>>,
+}
+
+/// What a successor needs of a runc sandbox.
+#[derive(serde::Serialize, serde::Deserialize)]
+struct SandboxRecord {
+    namespaces: Option<PodNamespaces>,
 }
 
 /// What a successor needs of a runc container besides the task record.
@@ -127,12 +154,33 @@ fn mounted_by_default() -> bool {
 #[async_trait]
 impl Sandbox for RuncSandbox {
     async fn start(&self) -> Result<u32> {
+        if let Some(pod) = &self.pod {
+            let (dir, pod) = (self.state_dir.join("ns"), pod.clone());
+            let pinned = tokio::task::spawn_blocking(move || {
+                PodNamespaces::pin(&dir, pod.netns, pod.hostname)
+            })
+            .await
+            .map_err(|e| Error::Internal(format!("pinning the pod's namespaces: {e}")))??;
+            *self.namespaces.lock().unwrap() = Some(pinned);
+        }
+        // No process holds the pod: a pause container does, or the pinned
+        // namespaces.
         Ok(0)
     }
 
     async fn stop(&self) -> Result<()> {
+        if let Some(ns) = self.namespaces.lock().unwrap().take() {
+            ns.release();
+        }
         tracing::debug!(namespace = %self.namespace, sandbox = %self.id, "runc sandbox stopped");
         Ok(())
+    }
+
+    fn record(&self) -> BackendRecord {
+        serde_json::to_value(SandboxRecord {
+            namespaces: self.namespaces.lock().unwrap().clone(),
+        })
+        .unwrap_or_default()
     }
 
     async fn create_container(&self, req: CreateRequest) -> Result<Box<dyn Container>> {
@@ -194,7 +242,11 @@ impl RuncSandbox {
         req: CreateRequest,
         rootfs: Rootfs,
     ) -> Result<Box<dyn Container>> {
-        match self.create_in(&req, &rootfs).await {
+        let created = match self.join_pod(&req.bundle) {
+            Ok(()) => self.create_in(&req, &rootfs).await,
+            Err(e) => Err(e),
+        };
+        match created {
             Ok(c) => Ok(Box::new(c)),
             Err(e) => {
                 let cli = &self.shared.cli;
@@ -206,6 +258,15 @@ impl RuncSandbox {
                 }
                 Err(e)
             }
+        }
+    }
+
+    /// Points the container's spec at the namespaces the sandbox holds, if
+    /// it holds any.
+    pub fn join_pod(&self, bundle: &Path) -> Result<()> {
+        match &*self.namespaces.lock().unwrap() {
+            Some(ns) => ns.join(bundle),
+            None => Ok(()),
         }
     }
 

@@ -141,9 +141,12 @@ impl Backend for Wasm {
     async fn restore_sandbox(
         &self,
         req: SandboxRequest,
-        _record: BackendRecord,
+        record: BackendRecord,
     ) -> Result<Arc<dyn Sandbox>> {
-        self.create_sandbox(req).await
+        Ok(Arc::new(WasmSandbox {
+            shared: self.shared.clone(),
+            linux: self.linux.restored_sandbox(&req, record),
+        }))
     }
 
     async fn cleanup(&self, namespace: &str, id: &str, bundle: &Path) -> Result<()> {
@@ -173,7 +176,14 @@ impl Sandbox for WasmSandbox {
         self.linux.stop().await
     }
 
+    fn record(&self) -> BackendRecord {
+        self.linux.record()
+    }
+
     async fn create_container(&self, req: CreateRequest) -> Result<Box<dyn Container>> {
+        // A wasm container's sockets live in the pod's network namespace,
+        // named in its spec.
+        self.linux.join_pod(&req.bundle)?;
         let rootfs = Rootfs::mount(&req.rootfs, &req.bundle)?;
         let linux = {
             let bundle = req.bundle.clone();
