@@ -11,13 +11,13 @@
 use std::path::Path;
 use std::time::{Duration, Instant};
 
+use kuasar_core::backend::{Backend, ContainerEvent, CreateRequest, Sandbox, SandboxRequest};
+use kuasar_core::config::WasmConfig;
 use kuasar_e2e::bench::{ms, percentile, pss_kb};
 use kuasar_e2e::{Env, Version, KUASAR_RUNC, RUNC_V2};
-use kuasar_sandboxer::backend::runc::Runc;
-use kuasar_sandboxer::backend::wasm::Wasm;
-use kuasar_sandboxer::backend::{Backend, ContainerEvent, CreateRequest, Sandbox, SandboxRequest};
-use kuasar_sandboxer::config::WasmConfig;
-use kuasar_sandboxer::stdio::StdioPaths;
+use kuasar_host::stdio::StdioPaths;
+use kuasar_runc::Runc;
+use kuasar_wasm::Wasm;
 
 struct Opts {
     version: Version,
@@ -151,7 +151,7 @@ fn in_daemon(starts: usize) {
             enabled: true,
             ..Default::default()
         };
-        let reaper = kuasar_sandboxer::reaper::Reaper::new();
+        let reaper = kuasar_host::reaper::Reaper::new();
         let root = dir.join("root");
         let linux = Runc::new("runc".into(), &root, reaper.clone());
         let backend = Wasm::new(&root, &cfg, reaper, linux).unwrap();

@@ -10,7 +10,7 @@ use std::path::{Path, PathBuf};
 
 use oci_spec::runtime::Spec;
 
-use crate::error::{io_context, Error, Result};
+use kuasar_core::error::{io_context, Error, Result};
 
 /// Annotation asking for network access (`tcp`, `udp`, `tcp,udp`, `none`);
 /// sockets are denied without it.

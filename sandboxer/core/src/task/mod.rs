@@ -17,7 +17,7 @@ use tokio::sync::watch;
 
 use crate::backend::{BackendRecord, Container};
 use crate::events::Publisher;
-use crate::stdio::StdioPaths;
+use kuasar_host::stdio::StdioPaths;
 
 pub const TOPIC_CREATE: &str = "/tasks/create";
 pub const TOPIC_START: &str = "/tasks/start";

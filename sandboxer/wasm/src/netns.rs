@@ -15,7 +15,7 @@ use std::pin::Pin;
 use tokio::sync::oneshot;
 
 use super::spec::NetNs;
-use crate::error::{Error, Result};
+use kuasar_core::error::{Error, Result};
 
 /// Opens the namespace the instance's sockets will live in: `None` for the
 /// daemon's own (a spec that names no network namespace, as runc would
@@ -145,7 +145,7 @@ impl<T: Send + 'static> NetThread<T> {
                 };
                 // A task of its own, so that a panic of host code is caught.
                 let ended = runtime.block_on(async { tokio::spawn(run).await });
-                let _ = done.send(ended.map_err(crate::error::panic_message));
+                let _ = done.send(ended.map_err(kuasar_core::error::panic_message));
             })
             .map_err(|e| Error::Internal(format!("starting an instance thread: {e}")))?;
         match joined.await {

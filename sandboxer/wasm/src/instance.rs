@@ -12,7 +12,7 @@ use wasmtime_wasi::p1::WasiP1Ctx;
 use wasmtime_wasi::{I32Exit, WasiCtxView, WasiView};
 
 use super::engine::Program;
-use crate::backend::{ContainerEvent, EventSink};
+use kuasar_core::backend::{ContainerEvent, EventSink};
 
 /// Exit status of an instance that trapped: what the wasmtime CLI reports
 /// on Unix (128 + SIGABRT), apart from 137/143 for kills.

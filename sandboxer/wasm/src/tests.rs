@@ -7,8 +7,8 @@ use std::time::{Duration, Instant};
 use tokio::sync::mpsc::UnboundedReceiver;
 
 use super::*;
-use crate::backend::CreateRequest;
-use crate::stdio::StdioPaths;
+use kuasar_core::backend::CreateRequest;
+use kuasar_host::stdio::StdioPaths;
 
 fn wat(name: &str) -> Vec<u8> {
     let path = Path::new(env!("CARGO_MANIFEST_DIR"))
@@ -23,7 +23,7 @@ fn backend(root: &Path) -> Shared {
         max_instances: 250,
         ..Default::default()
     };
-    Shared::new(root, &cfg, crate::reaper::Reaper::new()).unwrap()
+    Shared::new(root, &cfg, kuasar_host::reaper::Reaper::new()).unwrap()
 }
 
 struct Bundle {

@@ -10,7 +10,7 @@ use protobuf::well_known_types::any::Any;
 use serde::Deserialize;
 
 use crate::error::{Error, Result};
-use crate::events::to_any;
+use crate::to_any;
 
 #[derive(Deserialize, Default)]
 #[serde(default)]

@@ -1,9 +1,6 @@
 //! The runc backend: containers run by the `runc` binary, with the daemon
 //! as their subreaper.
 
-mod cli;
-mod console;
-
 use std::collections::HashMap;
 use std::os::fd::OwnedFd;
 use std::path::{Path, PathBuf};
@@ -18,18 +15,18 @@ use nix::unistd::Pid;
 use protobuf::well_known_types::any::Any;
 use tokio::sync::Mutex;
 
-use self::cli::{RuncCli, RuncStdio};
-use self::console::ConsoleSocket;
-use super::stats;
-use super::{
+use kuasar_core::backend::{
     Backend, BackendRecord, Capabilities, Container, ContainerEvent, CreateRequest, EventSink,
     PodConfig, ProcessIoHandover, RestoreRequest, Sandbox, SandboxRequest,
 };
-use crate::error::{io_context, Error, Result};
-use crate::mount::Rootfs;
-use crate::podns::PodNamespaces;
-use crate::reaper::Reaper;
-use crate::stdio::{self, IoTasks, StdioPaths};
+use kuasar_core::error::{io_context, Error, Result};
+use kuasar_host::console::{self, ConsoleSocket};
+use kuasar_host::mount::Rootfs;
+use kuasar_host::podns::PodNamespaces;
+use kuasar_host::reaper::Reaper;
+use kuasar_host::runc::{RuncCli, RuncStdio};
+use kuasar_host::stats;
+use kuasar_host::stdio::{self, IoTasks, StdioPaths};
 
 /// What every sandbox and container of the backend shares.
 struct Shared {
@@ -114,11 +111,12 @@ impl Backend for Runc {
             .cli
             .run(namespace, &["delete", "--force", id])
             .await
+            .map_err(Error::from)
         {
             Ok(_) | Err(Error::NotFound(_)) => {}
             Err(e) => return Err(e),
         }
-        Rootfs::adopt(bundle, true).unmount()
+        Ok(Rootfs::adopt(bundle, true).unmount()?)
     }
 }
 
@@ -265,7 +263,7 @@ impl RuncSandbox {
     /// it holds any.
     pub fn join_pod(&self, bundle: &Path) -> Result<()> {
         match &*self.namespaces.lock().unwrap() {
-            Some(ns) => ns.join(bundle),
+            Some(ns) => Ok(ns.join(bundle)?),
             None => Ok(()),
         }
     }
@@ -326,7 +324,7 @@ impl RuncSandbox {
 /// logged, not fatal.
 fn watch_oom(pid: u32, id: &str, events: &EventSink) -> Option<tokio::task::JoinHandle<()>> {
     let sink = events.clone();
-    crate::oom::watch(pid, move || {
+    kuasar_host::oom::watch(pid, move || {
         let _ = sink.send(ContainerEvent::Oom);
     })
     .map_err(|e| tracing::warn!(%id, "no OOM notifications: {e}"))
@@ -344,7 +342,7 @@ fn adopt_io(reaper: &Arc<Reaper>, h: ProcessIoHandover) -> ProcessIo {
         let copied = master
             .try_clone()
             .map_err(io_context("duplicating the terminal"))
-            .and_then(|from| p.io.copy_output(from, to));
+            .and_then(|from| Ok(p.io.copy_output(from, to)?));
         if let Err(e) = copied {
             tracing::warn!("terminal output not taken over: {e}");
         }
@@ -417,7 +415,7 @@ async fn launch(
             .await;
         if let Err(e) = ran {
             receive.abort();
-            return Err(e);
+            return Err(e.into());
         }
         let master = receive
             .await
@@ -494,7 +492,7 @@ struct RuncContainer {
 
 impl RuncContainer {
     async fn runc(&self, args: &[&str]) -> Result<Vec<u8>> {
-        self.cli.run(&self.namespace, args).await
+        Ok(self.cli.run(&self.namespace, args).await?)
     }
 
     fn exec_file(&self, exec_id: &str, ext: &str) -> PathBuf {
@@ -635,7 +633,7 @@ impl Container for RuncContainer {
 
     async fn resize_pty(&self, exec_id: Option<&str>, width: u32, height: u32) -> Result<()> {
         let resize = |p: &ProcessIo| match &p.master {
-            Some(m) => console::resize(m, width, height),
+            Some(m) => Ok(console::resize(m, width, height)?),
             None => Err(Error::FailedPrecondition("process has no terminal".into())),
         };
         match exec_id {
@@ -703,7 +701,7 @@ impl Container for RuncContainer {
         for f in ["init.pid", "log.json", kuasar_protocol::BUNDLE_RUNTIME_FILE] {
             let _ = std::fs::remove_file(self.bundle.join(f));
         }
-        self.rootfs.unmount()
+        Ok(self.rootfs.unmount()?)
     }
 
     fn record(&self) -> BackendRecord {

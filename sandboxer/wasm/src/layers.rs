@@ -7,7 +7,7 @@ use serde_json::Value;
 
 use super::engine;
 use crate::containerd::{Client, Descriptor};
-use crate::error::{Error, Result};
+use kuasar_core::error::{Error, Result};
 
 pub const MODULE_LAYER: &str = "application/vnd.w3c.wasm.module.v1+wasm";
 pub const COMPONENT_LAYER: &str = "application/vnd.bytecodealliance.wasm.component.layer.v0+wasm";

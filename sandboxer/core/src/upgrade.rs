@@ -27,8 +27,8 @@ use crate::daemon::Daemon;
 use crate::error::{io_context, sys_context, Error, Result};
 use crate::rpc::frame::FrameBuf;
 use crate::rpc::server::ConnHandover;
-use crate::stdio::IoFds;
 use crate::task::TaskRecord;
+use kuasar_host::stdio::IoFds;
 
 /// The environment variable naming the handover file for the new image.
 pub const HANDOVER_ENV: &str = "KUASAR_HANDOVER";
@@ -214,6 +214,7 @@ fn reexec(handover: &Path) -> Error {
         // SAFETY: sigaction with valid pointers; the old action is restored
         // below if execve returns.
         let mut old: libc::sigaction = unsafe { std::mem::zeroed() };
+        // SAFETY: as above: both actions are valid for the call.
         unsafe {
             let mut ignore: libc::sigaction = std::mem::zeroed();
             ignore.sa_sigaction = libc::SIG_IGN;
@@ -450,8 +451,8 @@ pub async fn adopt(daemon: &Arc<Daemon>, path: &Path) -> Result<OwnedFd> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::stdio::StdioPaths;
     use crate::task::{ExecRecord, ProcessRecord};
+    use kuasar_host::stdio::StdioPaths;
 
     #[test]
     fn hex_round_trips_and_rejects_garbage() {
@@ -559,7 +560,7 @@ mod tests {
     #[test]
     fn a_handed_over_fd_is_taken_once_and_must_be_valid() {
         let mut seen = HashSet::new();
-        let (r, _w) = crate::stdio::pipe().unwrap();
+        let (r, _w) = kuasar_host::stdio::pipe().unwrap();
         let raw = r.as_raw_fd();
         set_cloexec(raw, false).unwrap();
         std::mem::forget(r);

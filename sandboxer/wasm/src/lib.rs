@@ -2,6 +2,7 @@
 //! (WASI preview1 modules and preview2 command components). No process is
 //! started; the engine, compiled programs and threads are shared by all.
 
+mod containerd;
 mod engine;
 mod instance;
 mod layers;
@@ -28,17 +29,17 @@ use wasmtime_wasi::{FsPerms, WasiCtxBuilder};
 pub use self::engine::WasmEngine;
 use self::engine::{Program, RunningGuard};
 use self::instance::{Control, Limiter, Memory, Outcome, State, Supervised};
-use super::runc;
-use super::stats::{self, Stats};
-use super::{
+use kuasar_core::backend::{
     Backend, BackendRecord, Capabilities, Container, ContainerEvent, CreateRequest, EventSink,
     RestoreRequest, Sandbox, SandboxRequest,
 };
-use crate::config::WasmConfig;
-use crate::error::{io_context, Error, Result};
-use crate::mount::Rootfs;
-use crate::reaper::Reaper;
-use crate::stdio::{self, IoTasks};
+use kuasar_core::config::WasmConfig;
+use kuasar_core::error::{io_context, Error, Result};
+use kuasar_host::mount::Rootfs;
+use kuasar_host::reaper::Reaper;
+use kuasar_host::stats::{self, Stats};
+use kuasar_host::stdio::{self, IoTasks};
+use kuasar_runc as runc;
 
 /// `containerd.types.Descriptor`, for Pids' info.
 #[derive(Clone, PartialEq, prost::Message)]
@@ -457,7 +458,7 @@ fn isolated<T: Send + 'static>(
     run: impl std::future::Future<Output = T> + Send + 'static,
 ) -> impl std::future::Future<Output = netns::Ended<T>> {
     let task = handle.spawn(run);
-    async move { task.await.map_err(crate::error::panic_message) }
+    async move { task.await.map_err(kuasar_core::error::panic_message) }
 }
 
 /// Waits for an instance that runs in a task of its own (so that a panic
@@ -677,6 +678,6 @@ impl Container for WasmContainer {
         let mut io = std::mem::take(&mut *self.io.lock().await);
         io.close_stdin().await;
         drop(io);
-        self.rootfs.unmount()
+        Ok(self.rootfs.unmount()?)
     }
 }

@@ -2,7 +2,10 @@
 
 use std::io;
 
+use kuasar_host::Error as HostError;
 use kuasar_protocol::Code;
+
+pub use kuasar_host::error::panic_message;
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;
 
@@ -33,6 +36,21 @@ pub enum Error {
     Runtime { command: String, message: String },
     #[error("{0}")]
     Internal(String),
+}
+
+/// The toolkit's errors keep their meaning as the daemon's.
+impl From<HostError> for Error {
+    fn from(e: HostError) -> Error {
+        match e {
+            HostError::InvalidArgument(m) => Error::InvalidArgument(m),
+            HostError::NotFound(m) => Error::NotFound(m),
+            HostError::Unavailable(m) => Error::Unavailable(m),
+            HostError::Io { what, source } => Error::Io { what, source },
+            HostError::Sys { what, source } => Error::Sys { what, source },
+            HostError::Runtime { command, message } => Error::Runtime { command, message },
+            HostError::Internal(m) => Error::Internal(m),
+        }
+    }
 }
 
 impl Error {
@@ -88,17 +106,4 @@ pub fn io_context(what: impl Into<String>) -> impl FnOnce(io::Error) -> Error {
 pub fn sys_context(what: impl Into<String>) -> impl FnOnce(nix::Error) -> Error {
     let what = what.into();
     move |source| Error::Sys { what, source }
-}
-
-/// What a task that did not finish says: its panic's message, or why it was
-/// cancelled.
-pub fn panic_message(e: tokio::task::JoinError) -> String {
-    match e.try_into_panic() {
-        Ok(p) => p
-            .downcast_ref::<&str>()
-            .map(|s| s.to_string())
-            .or_else(|| p.downcast_ref::<String>().cloned())
-            .unwrap_or_else(|| "unknown panic".into()),
-        Err(e) => e.to_string(),
-    }
 }

@@ -17,12 +17,12 @@ use crate::config::Config;
 use crate::error::{io_context, Error, Result};
 use crate::events::Publisher;
 use crate::ids;
-use crate::reaper::Reaper;
 use crate::rpc;
 use crate::rpc::server::{ConnHandover, ConnScope, Registry};
 use crate::state::{Record, StateStore};
 use crate::task::{service::TaskService, ExitInfo, Task, TaskRecord};
 use crate::upgrade::{SandboxHandover, SandboxState};
+use kuasar_host::reaper::Reaper;
 use std::time::SystemTime;
 
 /// Exit status reported for a task containerd gave up on (128 + SIGKILL).

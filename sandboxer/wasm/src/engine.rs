@@ -19,8 +19,8 @@ use wasmtime::{
 use wasmtime_wasi::p2::bindings::CommandPre;
 
 use super::instance::State;
-use crate::config::WasmConfig;
-use crate::error::{io_context, Error, Result};
+use kuasar_core::config::WasmConfig;
+use kuasar_core::error::{io_context, Error, Result};
 
 /// How often the epoch advances while few instances want the CPU: an
 /// instance runs at most this long between two points where it can be

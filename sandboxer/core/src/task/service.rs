@@ -20,7 +20,7 @@ use crate::error::{Error, Result};
 use crate::ids;
 use crate::rpc::{Handler, RequestContext};
 use crate::sandbox_api::SandboxController;
-use crate::stdio::StdioPaths;
+use kuasar_host::stdio::StdioPaths;
 
 pub const SERVICES: [&str; 2] = ["containerd.task.v2.Task", "containerd.task.v3.Task"];
 

@@ -21,9 +21,9 @@ use crate::backend::{
 use crate::config::Config;
 use crate::daemon::Daemon;
 use crate::error::{Error, Result};
-use crate::reaper::Reaper;
 use crate::rpc::{Handler, RequestContext};
-use crate::stdio::StdioPaths;
+use kuasar_host::reaper::Reaper;
+use kuasar_host::stdio::StdioPaths;
 
 const INIT_PID: u32 = 4242;
 

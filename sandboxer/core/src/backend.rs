@@ -4,10 +4,6 @@
 //! stdio plumbing and persistence live above this seam; a backend says only
 //! how its sandboxes and containers run, and declares what it can do.
 
-pub mod runc;
-pub mod stats;
-pub mod wasm;
-
 use std::os::fd::OwnedFd;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -19,7 +15,7 @@ use protobuf::well_known_types::any::Any;
 use tokio::sync::mpsc;
 
 use crate::error::Result;
-use crate::stdio::{IoFds, StdioPaths};
+use kuasar_host::stdio::{IoFds, StdioPaths};
 
 /// An opaque record a backend persists and hands over for one of its
 /// sandboxes or containers; the generic layer stores it and gives it back.

@@ -9,7 +9,7 @@ use tonic::codegen::http::uri::PathAndQuery;
 use tonic::transport::{Channel, Endpoint};
 use tonic_prost::ProstCodec;
 
-use crate::error::{Error, Result};
+use kuasar_core::error::{Error, Result};
 
 #[derive(Clone, PartialEq, prost::Message)]
 struct GetContainerRequest {

@@ -8,9 +8,10 @@ use std::time::{Duration, Instant};
 
 use containerd_shim_protos::shim::event::Envelope;
 use containerd_shim_protos::shim::events::ForwardRequest;
-use protobuf::well_known_types::any::Any;
 use protobuf::{Message, MessageDyn};
 use tokio::sync::mpsc;
+
+pub use kuasar_host::to_any;
 
 use crate::rpc::client::Client;
 use crate::task::timestamp_now;
@@ -23,15 +24,6 @@ const CALL_TIMEOUT: Duration = Duration::from_secs(5);
 #[derive(Default)]
 pub struct Publisher {
     queues: Mutex<HashMap<String, mpsc::UnboundedSender<Envelope>>>,
-}
-
-/// Wraps `msg` in an Any whose type URL is the bare message name:
-/// containerd 1.6 rejects the `type.googleapis.com/` prefix.
-pub fn to_any(msg: &dyn MessageDyn) -> Any {
-    let mut any = Any::new();
-    any.type_url = msg.descriptor_dyn().full_name().to_string();
-    any.value = msg.write_to_bytes_dyn().unwrap_or_default();
-    any
 }
 
 impl Publisher {
