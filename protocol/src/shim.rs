@@ -308,7 +308,34 @@ fn print_info(kind: Kind) -> Result<(), ShimError> {
     let mut v = RuntimeVersion::new();
     v.version = env!("CARGO_PKG_VERSION").into();
     info.version = Some(v).into();
+    if kind != Kind::Vmm {
+        // Pods of these kinds run their Linux containers with runc: containerd
+        // 2.x offers them what runc can do (recursive read-only mounts, ...).
+        info.features = runc_features().into();
+    }
     print_message(&info, "runtime info")
+}
+
+/// The type containerd registers for the OCI runtime features document.
+const FEATURES_TYPE: &str = "types.containerd.io/opencontainers/runtime-spec/1/features/Features";
+
+/// `runc features` as containerd-shim-runc-v2 reports it: the JSON document
+/// in an Any. `None` if runc cannot tell (as that shim, not an error).
+fn runc_features() -> Option<protobuf::well_known_types::any::Any> {
+    let runc = std::env::var("KUASAR_RUNC_BINARY").unwrap_or_else(|_| "runc".into());
+    let out = std::process::Command::new(runc)
+        .arg("features")
+        .stdin(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .output()
+        .ok()?;
+    if !out.status.success() || serde_json::from_slice::<serde_json::Value>(&out.stdout).is_err() {
+        return None;
+    }
+    let mut any = protobuf::well_known_types::any::Any::new();
+    any.type_url = FEATURES_TYPE.into();
+    any.value = out.stdout;
+    Some(any)
 }
 
 #[cfg(test)]
