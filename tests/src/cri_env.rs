@@ -967,6 +967,14 @@ impl Drop for CriEnv {
     fn drop(&mut self) {
         if std::thread::panicking() {
             eprintln!("{}", self.log_tails());
+            // The whole logs outlive the env, for the failure's post-mortem.
+            let keep = workspace().join("target/cri-e2e-logs").join(self.name());
+            if std::fs::create_dir_all(&keep).is_ok() {
+                for f in ["containerd.log", "sandboxer.log", "containerd.toml"] {
+                    let _ = std::fs::copy(self.dir.join(f), keep.join(f));
+                }
+                eprintln!("logs kept in {}", keep.display());
+            }
         }
         // Pods first, through CRI, so that CNI releases what it set up
         // (veths, IPs, portmap rules) and containerd unmounts the netns.

@@ -450,16 +450,23 @@ fn container_reaches_a_listener_in_another_pod_by_its_ip(v: Version, handler: &s
     let ip = pod_ip(&env, &server_id);
     assert_ne!(ip, pod_ip(&env, &client_id));
     let url = format!("http://{ip}:8080/");
-    let body = wait_until(
-        "the server pod over the pod network",
-        Duration::from_secs(20),
-        || {
-            let r = cri
-                .exec_sync(&c, &["wget", "-q", "-O", "-", "-T", "3", &url], 10)
-                .ok()?;
-            (r.exit_code == 0).then(|| String::from_utf8_lossy(&r.stdout).into_owned())
-        },
-    );
+    // (busybox's wget -T crashes: the ExecSync timeout bounds it instead.)
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let body = loop {
+        let r = cri
+            .exec_sync(&c, &["wget", "-q", "-O", "-", &url], 5)
+            .unwrap_or_else(|e| panic!("ExecSync wget: {e}"));
+        if r.exit_code == 0 {
+            break String::from_utf8_lossy(&r.stdout).into_owned();
+        }
+        assert!(
+            Instant::now() < deadline,
+            "wget {url} from the client pod: exit {}: {}",
+            r.exit_code,
+            String::from_utf8_lossy(&r.stderr)
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    };
     assert_eq!(body.trim(), "pong-from-server");
 
     stop_and_remove_pod(&env, &client_id);
@@ -504,6 +511,8 @@ fn host_network_pod_uses_the_hosts_network_namespace(v: Version, handler: &str) 
     let cri = env.cri();
     env.pull_busybox();
     let mut pod = env.pod_config("hostnet");
+    // As kubelet: no hostname of its own in the host's UTS namespace.
+    pod.hostname.clear();
     let sc = pod
         .linux
         .as_mut()
