@@ -811,3 +811,76 @@ fn hack_config_snippets_parse_in_their_containerd_with_both_handlers() {
         }
     }
 }
+
+/// The harness itself: an env dropped by a panicking test with pods running
+/// (one with a host port, so portmap made rules) leaves nothing on the host.
+#[test]
+fn cri_env_dropped_by_a_panicking_test_leaves_nothing_behind() {
+    type Seen = (std::path::PathBuf, String, String, String, Vec<u32>);
+    let seen: std::sync::Mutex<Option<Seen>> = std::sync::Mutex::new(None);
+    let result = std::panic::catch_unwind(|| {
+        let env = CriEnv::start(Version::V1_6);
+        env.pull_busybox();
+        let mut pod = env.pod_config("doomed");
+        pod.port_mappings = vec![PortMapping {
+            protocol: Protocol::Tcp as i32,
+            container_port: 8080,
+            host_port: free_port() as i32,
+            host_ip: String::new(),
+        }];
+        let pod_id = env.run_pod(&pod, KUASAR_RUNC);
+        env.run_container(
+            &pod_id,
+            &pod,
+            &env.container_config(&pod, "c", &["sleep", "600"]),
+        );
+        assert!(!env.netns_files().is_empty());
+        let marker = env.dir.display().to_string();
+        let pids: Vec<u32> = kuasar_e2e::processes()
+            .into_iter()
+            .filter(|(_, cmd)| cmd.contains(&marker))
+            .map(|(pid, _)| pid)
+            .chain(kuasar_e2e::cgroup::procs(&env.name()))
+            .collect();
+        assert!(
+            pids.len() >= 4,
+            "registry, sandboxer, containerd, pod: {pids:?}"
+        );
+        *seen.lock().unwrap() = Some((
+            env.dir.clone(),
+            env.name(),
+            env.net_name(),
+            env.bridge(),
+            pids,
+        ));
+        panic!("deliberate panic with a pod running");
+    });
+    assert!(result.is_err());
+    let (dir, cg, net, bridge, pids) = seen.lock().unwrap().take().expect("env started");
+    for pid in pids {
+        let state = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+        let zombie_or_gone = state
+            .rsplit_once(')')
+            .and_then(|(_, r)| r.split_whitespace().next())
+            .is_none_or(|s| s == "Z");
+        assert!(zombie_or_gone, "pid {pid} survived the env: {state}");
+    }
+    assert!(kuasar_e2e::cgroup::dirs(&cg).is_empty());
+    assert!(kuasar_e2e::mounts_under(&dir).is_empty());
+    assert!(!dir.exists(), "{} not removed", dir.display());
+    assert!(
+        !std::path::Path::new("/sys/class/net")
+            .join(&bridge)
+            .exists(),
+        "bridge {bridge} not removed"
+    );
+    let nat = kuasar_e2e::run_cmd(
+        std::process::Command::new("iptables-save").args(["-t", "nat"]),
+        Duration::from_secs(20),
+    );
+    assert!(
+        !nat.stdout.contains(&format!("\\\"{net}\\\"")),
+        "{}",
+        nat.stdout
+    );
+}
