@@ -7,7 +7,7 @@ use std::path::Path;
 use std::time::Duration;
 
 use tonic::transport::{Channel, Endpoint};
-use tonic::{Code, Status};
+use tonic::Status;
 
 pub mod api {
     #![allow(clippy::all, clippy::pedantic)]
@@ -328,18 +328,5 @@ impl Cri {
             c.image_status(Self::req(msg, CALL_TIMEOUT)).await
         })
         .map(|r| r.image)
-    }
-}
-
-/// Whether `e` has gRPC code `code` (for error-path assertions).
-pub fn is_code(e: &Status, code: Code) -> bool {
-    e.code() == code
-}
-
-/// The resources a container gets from kubelet for a memory limit in bytes.
-pub fn memory_limit(bytes: i64) -> LinuxContainerResources {
-    LinuxContainerResources {
-        memory_limit_in_bytes: bytes,
-        ..Default::default()
     }
 }

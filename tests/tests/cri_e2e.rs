@@ -17,7 +17,7 @@ use kuasar_e2e::cri::api::{
     PortMapping, Protocol,
 };
 use kuasar_e2e::cri::Cri;
-use kuasar_e2e::cri_env::{CriEnv, SandboxMode, KUASAR_RUNC, PAUSE_IMAGE};
+use kuasar_e2e::cri_env::{CriEnv, SandboxMode, KUASAR_RUNC, KUASAR_WASM, PAUSE_IMAGE};
 use kuasar_e2e::Version;
 use tonic::Code;
 
@@ -883,4 +883,49 @@ fn cri_env_dropped_by_a_panicking_test_leaves_nothing_behind() {
         "{}",
         nat.stdout
     );
+}
+
+/// A WASI program as a Kubernetes pod: the pod runs through the
+/// `kuasar-wasm` handler, its image is pulled from the registry, and the
+/// program's output reaches the container log.
+fn wasm_pod_runs_a_wasi_program_pulled_from_the_registry(v: Version) {
+    let env = CriEnv::start(v);
+    let shims = env.sample_shims();
+    let cri = env.cri();
+    let image = env.push_wasm_image();
+    cri.pull_image(&image, None)
+        .unwrap_or_else(|e| panic!("PullImage {image}: {e}"));
+    let pod = env.pod_config("wasm");
+    let pod_id = env.run_pod(&pod, KUASAR_WASM);
+    let mut cfg = env.container_config(&pod, "hello", &["/hello.wasm"]);
+    cfg.image.as_mut().unwrap().image = image;
+    let cid = env.run_container(&pod_id, &pod, &cfg);
+    let st = wait_until("the program to exit", Duration::from_secs(30), || {
+        cri.container_status(&cid)
+            .ok()
+            .filter(|s| s.state == ContainerState::ContainerExited as i32)
+    });
+    assert_eq!(
+        (st.exit_code, st.reason.as_str()),
+        (0, "Completed"),
+        "{st:?}"
+    );
+    let log = std::fs::read_to_string(env.dir.join("logs/wasm/hello.log")).unwrap();
+    assert!(log.contains(" stdout F hello from wasm"), "{log}");
+    assert!(log.contains(" stderr F hello on stderr"), "{log}");
+    stop_and_remove_pod(&env, &pod_id);
+    env.assert_clean();
+    shims.assert_none_resident(RESIDENT);
+}
+
+#[test]
+#[ignore = "daemon bug: the wasm backend takes the pod's pause container for a WASI program (\"not a WebAssembly binary\")"]
+fn kuasar_wasm_v1_6_wasm_pod_runs_a_wasi_program_pulled_from_the_registry() {
+    wasm_pod_runs_a_wasi_program_pulled_from_the_registry(Version::V1_6);
+}
+
+#[test]
+#[ignore = "daemon bug: the wasm backend takes the pod's pause container for a WASI program (\"not a WebAssembly binary\")"]
+fn kuasar_wasm_v2_1_wasm_pod_runs_a_wasi_program_pulled_from_the_registry() {
+    wasm_pod_runs_a_wasi_program_pulled_from_the_registry(Version::V2_1);
 }
