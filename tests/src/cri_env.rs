@@ -393,6 +393,11 @@ impl ShimSampler {
     /// one seen lived less than `max` (a `start`/`delete` exec is a few ms).
     pub fn assert_none_resident(self, max: Duration) {
         let seen = self.finish();
+        let longest = seen.values().map(|(_, d)| *d).max().unwrap_or_default();
+        eprintln!(
+            "kuasar shim processes sampled: {}, longest seen alive {longest:?}",
+            seen.len()
+        );
         let resident: Vec<_> = seen.iter().filter(|(_, (_, d))| *d >= max).collect();
         assert!(
             resident.is_empty(),

@@ -214,6 +214,7 @@ fn pod_lifecycle_pull_exec_logs_stats_update_stop_remove_leaves_nothing(v: Versi
         .exec_sync(&cid, &["sleep", "37"], 1)
         .expect_err("ExecSync past its timeout must fail");
     let took = t.elapsed();
+    assert_eq!(e.code(), Code::DeadlineExceeded, "{e}");
     assert!(e.message().contains("timeout"), "{e}");
     assert!(took < Duration::from_secs(10), "the timeout took {took:?}");
     let ps = exec_out(cri, &cid, &["ps", "-o", "args"]);
