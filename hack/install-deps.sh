@@ -7,17 +7,22 @@ PREFIX=${KUASAR_DEPS:-/opt/kuasar-deps}
 
 export DEBIAN_FRONTEND=noninteractive
 need=()
-for p in containerd runc busybox-static python3 bsdutils procps util-linux iproute2; do
+# protobuf-compiler: protoc, for the CRI client tonic generates at build time.
+# containernetworking-plugins (/usr/lib/cni) and iptables: the CRI tests'
+# bridge, host-local and portmap networks. docker-registry: the private
+# registry the CRI tests pull from. binutils: readelf checks the pause binary.
+for p in containerd runc busybox-static python3 bsdutils procps util-linux iproute2 \
+         protobuf-compiler containernetworking-plugins docker-registry iptables binutils; do
   dpkg -s "$p" >/dev/null 2>&1 || need+=("$p")
 done
 if [ ${#need[@]} -gt 0 ]; then
   apt-get update -qq
   apt-get install -y -qq --no-install-recommends "${need[@]}" >/dev/null
 fi
-# Debian's postinst may start a system containerd; the project never uses it.
-if command -v systemctl >/dev/null 2>&1 && systemctl is-active -q containerd 2>/dev/null; then
-  systemctl disable --now containerd >/dev/null 2>&1 || true
-fi
+# Debian's postinsts may start a system containerd and a system
+# docker-registry (port 5000). Both are left alone: never stopped, disabled
+# or reconfigured. The tests start their own of each, on private sockets and
+# a free port.
 
 # containerd 2.1 from Debian unstable, unpacked privately (never installed).
 if [ ! -x "$PREFIX/containerd-2/usr/bin/containerd" ]; then

@@ -17,6 +17,8 @@ step "busybox image"
 bash hack/build-busybox-image.sh target/kuasar-images/busybox.tar
 step "cargo build --release --workspace"
 cargo build --release --workspace
+step "pause image (the CRI tests' sandbox image: a static kuasar-pause)"
+bash hack/build-pause-image.sh target/kuasar-images/pause.tar
 step "cargo fmt --all -- --check"
 cargo fmt --all -- --check
 step "cargo clippy --release --workspace --all-targets -- -D warnings"
@@ -24,5 +26,6 @@ cargo clippy --release --workspace --all-targets -- -D warnings
 step "cargo test --release --workspace --no-fail-fast -- --test-threads=2"
 KUASAR_BIN_DIR=$PWD/target/release \
 KUASAR_BUSYBOX_IMAGE=$PWD/target/kuasar-images/busybox.tar \
+KUASAR_PAUSE_IMAGE=$PWD/target/kuasar-images/pause.tar \
   cargo test --release --workspace --no-fail-fast -- --test-threads=2
 step "all tests passed"

@@ -5,6 +5,8 @@
 pub mod bench;
 pub mod cgroup;
 pub mod cmd;
+pub mod cri;
+pub mod cri_env;
 pub mod netns;
 pub mod wasm;
 
@@ -120,7 +122,7 @@ pub fn kuasar_bin_dir() -> PathBuf {
 
 /// An image archive: `$env_var`, else built by `hack/$script` into
 /// target/kuasar-images/`file`.
-fn built_image(
+pub(crate) fn built_image(
     cell: &'static OnceLock<PathBuf>,
     env_var: &str,
     file: &str,
@@ -242,7 +244,7 @@ impl Drop for EventStream {
 }
 
 /// Directories of an env that get their own tmpfs.
-const OWN_TMPFS: [&str; 2] = ["state", "k"];
+pub(crate) const OWN_TMPFS: [&str; 2] = ["state", "k"];
 
 pub struct Env {
     pub version: Version,
@@ -252,10 +254,15 @@ pub struct Env {
 }
 
 fn new_dir() -> PathBuf {
+    new_dir_named("kx")
+}
+
+/// A fresh `/tmp/PREFIX-<pid>-<n>`.
+pub(crate) fn new_dir_named(prefix: &str) -> PathBuf {
     static SEQ: AtomicU32 = AtomicU32::new(0);
     // Short: unix socket paths must stay under 108 bytes.
     let dir = PathBuf::from(format!(
-        "/tmp/kx-{}-{}",
+        "/tmp/{prefix}-{}-{}",
         std::process::id(),
         SEQ.fetch_add(1, Ordering::Relaxed)
     ));
@@ -264,7 +271,7 @@ fn new_dir() -> PathBuf {
     dir
 }
 
-fn wait_for(what: &str, timeout: Duration, mut ready: impl FnMut() -> bool) {
+pub(crate) fn wait_for(what: &str, timeout: Duration, mut ready: impl FnMut() -> bool) {
     let deadline = Instant::now() + timeout;
     while !ready() {
         assert!(
@@ -292,19 +299,7 @@ impl Env {
             ),
         )
         .unwrap();
-        // containerd's state (bundles) and the sandboxer's root live on
-        // tmpfs, as /run/containerd and /run/kuasar do on a node.
-        for sub in OWN_TMPFS {
-            let target = dir.join(sub);
-            std::fs::create_dir_all(&target).unwrap();
-            let o = run_cmd(
-                Command::new("mount")
-                    .args(["-t", "tmpfs", "-o", "mode=0711", "tmpfs"])
-                    .arg(&target),
-                Duration::from_secs(10),
-            );
-            assert!(o.ok(), "mounting tmpfs on {}: {o}", target.display());
-        }
+        mount_own_tmpfs(&dir);
         let mut env = Env {
             version,
             dir,
@@ -332,29 +327,7 @@ impl Env {
 
     pub fn start_sandboxer(&mut self) {
         assert!(self.sandboxer.is_none(), "sandboxer already running");
-        let log = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(self.dir.join("sandboxer.log"))
-            .unwrap();
-        let child = Command::new(kuasar_bin_dir().join("kuasar-sandboxer"))
-            .arg("--root")
-            .arg(self.sandboxer_root())
-            .arg("--listen")
-            .arg(self.private_socket())
-            .arg("--config")
-            .arg(self.dir.join("sandboxer.toml"))
-            .stdin(Stdio::null())
-            .stdout(log.try_clone().unwrap())
-            .stderr(log)
-            .spawn()
-            .expect("starting kuasar-sandboxer");
-        self.sandboxer = Some(child);
-        let sock = self.private_socket();
-        // Listening, not merely a socket file (a stale one survives a stop).
-        wait_for("kuasar-sandboxer", Duration::from_secs(10), || {
-            std::os::unix::net::UnixStream::connect(&sock).is_ok()
-        });
+        self.sandboxer = Some(spawn_sandboxer(&self.dir));
     }
 
     /// Stops the sandboxer (SIGTERM); containers keep running.
@@ -420,28 +393,7 @@ impl Env {
 
     pub fn start_containerd(&mut self) {
         assert!(self.containerd.is_none(), "containerd already running");
-        let log = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(self.dir.join("containerd.log"))
-            .unwrap();
-        let path = format!(
-            "{}:{}:{}",
-            kuasar_bin_dir().display(),
-            self.version.bin_dir().display(),
-            std::env::var("PATH").unwrap_or_default()
-        );
-        let child = Command::new(self.version.bin_dir().join("containerd"))
-            .arg("--config")
-            .arg(self.dir.join("containerd.toml"))
-            .env("PATH", path)
-            .env(kuasar_protocol::SOCKET_ENV, self.private_socket())
-            .stdin(Stdio::null())
-            .stdout(log.try_clone().unwrap())
-            .stderr(log)
-            .spawn()
-            .expect("starting containerd");
-        self.containerd = Some(child);
+        self.containerd = Some(spawn_containerd(self.version, &self.dir));
         wait_for("containerd", Duration::from_secs(20), || {
             self.ctr_timeout(&["version"], Duration::from_secs(2)).ok()
         });
@@ -736,7 +688,80 @@ impl Env {
     }
 }
 
-fn stop_child(mut c: Child, grace: Duration) {
+/// containerd's state (bundles) and the sandboxer's root live on tmpfs, as
+/// /run/containerd and /run/kuasar do on a node.
+pub(crate) fn mount_own_tmpfs(dir: &Path) {
+    for sub in OWN_TMPFS {
+        let target = dir.join(sub);
+        std::fs::create_dir_all(&target).unwrap();
+        let o = run_cmd(
+            Command::new("mount")
+                .args(["-t", "tmpfs", "-o", "mode=0711", "tmpfs"])
+                .arg(&target),
+            Duration::from_secs(10),
+        );
+        assert!(o.ok(), "mounting tmpfs on {}: {o}", target.display());
+    }
+}
+
+/// kuasar-sandboxer with root `DIR/k`, private socket `DIR/k/s.sock`,
+/// config `DIR/sandboxer.toml`, log `DIR/sandboxer.log`; returns once it
+/// listens.
+pub(crate) fn spawn_sandboxer(dir: &Path) -> Child {
+    let log = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(dir.join("sandboxer.log"))
+        .unwrap();
+    let sock = dir.join("k/s.sock");
+    let child = Command::new(kuasar_bin_dir().join("kuasar-sandboxer"))
+        .arg("--root")
+        .arg(dir.join("k"))
+        .arg("--listen")
+        .arg(&sock)
+        .arg("--config")
+        .arg(dir.join("sandboxer.toml"))
+        .stdin(Stdio::null())
+        .stdout(log.try_clone().unwrap())
+        .stderr(log)
+        .spawn()
+        .expect("starting kuasar-sandboxer");
+    // Listening, not merely a socket file (a stale one survives a stop).
+    wait_for("kuasar-sandboxer", Duration::from_secs(10), || {
+        std::os::unix::net::UnixStream::connect(&sock).is_ok()
+    });
+    child
+}
+
+/// containerd of `version` with config `DIR/containerd.toml`, log
+/// `DIR/containerd.log`, the kuasar shims first in its PATH and the
+/// sandboxer's private socket `DIR/k/s.sock` in its environment. Does not
+/// wait for it.
+pub(crate) fn spawn_containerd(version: Version, dir: &Path) -> Child {
+    let log = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(dir.join("containerd.log"))
+        .unwrap();
+    let path = format!(
+        "{}:{}:{}",
+        kuasar_bin_dir().display(),
+        version.bin_dir().display(),
+        std::env::var("PATH").unwrap_or_default()
+    );
+    Command::new(version.bin_dir().join("containerd"))
+        .arg("--config")
+        .arg(dir.join("containerd.toml"))
+        .env("PATH", path)
+        .env(kuasar_protocol::SOCKET_ENV, dir.join("k/s.sock"))
+        .stdin(Stdio::null())
+        .stdout(log.try_clone().unwrap())
+        .stderr(log)
+        .spawn()
+        .expect("starting containerd")
+}
+
+pub(crate) fn stop_child(mut c: Child, grace: Duration) {
     // SAFETY: plain kill(2) on our own child.
     unsafe { libc::kill(c.id() as i32, libc::SIGTERM) };
     let deadline = Instant::now() + grace;
@@ -826,7 +851,7 @@ fn unescape_octal(s: &str) -> String {
     String::from_utf8_lossy(&out).into_owned()
 }
 
-fn walk(dir: &Path) -> Vec<PathBuf> {
+pub(crate) fn walk(dir: &Path) -> Vec<PathBuf> {
     let mut out = Vec::new();
     for e in std::fs::read_dir(dir).into_iter().flatten().flatten() {
         let p = e.path();
