@@ -435,6 +435,25 @@ impl CriEnv {
     /// containerd of `version` with CRI; on 2.1 the kuasar handlers use
     /// sandbox `mode`.
     pub fn start_with(version: Version, mode: SandboxMode) -> CriEnv {
+        CriEnv::start_inner(version, mode, false)
+    }
+
+    /// [`CriEnv::start_with`], with every exec of a kuasar shim binary by
+    /// containerd logged (a wrapper first in containerd's PATH): see
+    /// [`CriEnv::shim_execs`]. Wrappers slow each exec down; not for
+    /// benchmarks.
+    pub fn start_counting_shim_execs(version: Version, mode: SandboxMode) -> CriEnv {
+        CriEnv::start_inner(version, mode, true)
+    }
+
+    /// The kuasar shim execs containerd made so far: the arguments of each.
+    pub fn shim_execs(&self) -> Vec<String> {
+        std::fs::read_to_string(self.dir.join("shim-execs.log"))
+            .map(|t| t.lines().map(str::to_string).collect())
+            .unwrap_or_default()
+    }
+
+    fn start_inner(version: Version, mode: SandboxMode, count_execs: bool) -> CriEnv {
         assert!(
             version == Version::V2_1 || mode == SandboxMode::PodSandbox,
             "containerd 1.6 has only pause-container sandboxes"
@@ -462,10 +481,17 @@ impl CriEnv {
         env.registry = Some(registry);
         std::fs::write(
             env.dir.join("sandboxer.toml"),
-            "log_level = \"debug\"\n[runc]\nbinary = \"runc\"\n[wasm]\nenabled = true\nmax_instances = 100\n",
+            format!(
+                "log_level = \"debug\"\n[runc]\nbinary = \"runc\"\n[wasm]\nenabled = true\nmax_instances = 100\n\
+                 [containerd]\naddress = \"{0}/c.sock\"\nttrpc_address = \"{0}/c.sock.ttrpc\"\n",
+                env.dir.display()
+            ),
         )
         .unwrap();
         std::fs::write(env.dir.join("containerd.toml"), env.containerd_config()).unwrap();
+        if count_execs {
+            crate::write_shim_wrappers(&env.dir);
+        }
         env.sandboxer = Some(spawn_sandboxer(&env.dir));
         env.start_containerd();
         env.ctr_ok(&["image", "import", &pause.to_string_lossy()]);

@@ -733,6 +733,32 @@ pub(crate) fn spawn_sandboxer(dir: &Path) -> Child {
     child
 }
 
+/// Where [`write_shim_wrappers`] puts its wrappers (first in containerd's
+/// PATH; absent, nothing is found there).
+const SHIM_WRAPPERS: &str = "shim-wrappers";
+
+/// Wrappers for the kuasar shim binaries that log each exec (its arguments)
+/// to `DIR/shim-execs.log`, then exec the real binary.
+pub(crate) fn write_shim_wrappers(dir: &Path) {
+    use std::os::unix::fs::PermissionsExt;
+    let wrappers = dir.join(SHIM_WRAPPERS);
+    std::fs::create_dir_all(&wrappers).unwrap();
+    for kind in kuasar_protocol::Kind::ALL {
+        let name = kind.shim_binary();
+        let path = wrappers.join(name);
+        std::fs::write(
+            &path,
+            format!(
+                "#!/bin/sh\necho \"{name} $*\" >> {}\nexec {} \"$@\"\n",
+                dir.join("shim-execs.log").display(),
+                kuasar_bin_dir().join(name).display()
+            ),
+        )
+        .unwrap();
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o755)).unwrap();
+    }
+}
+
 /// containerd of `version` with config `DIR/containerd.toml`, log
 /// `DIR/containerd.log`, the kuasar shims first in its PATH and the
 /// sandboxer's private socket `DIR/k/s.sock` in its environment. Does not
@@ -744,7 +770,8 @@ pub(crate) fn spawn_containerd(version: Version, dir: &Path) -> Child {
         .open(dir.join("containerd.log"))
         .unwrap();
     let path = format!(
-        "{}:{}:{}",
+        "{}:{}:{}:{}",
+        dir.join(SHIM_WRAPPERS).display(),
         kuasar_bin_dir().display(),
         version.bin_dir().display(),
         std::env::var("PATH").unwrap_or_default()
