@@ -952,3 +952,39 @@ fn kuasar_wasm_v2_1_wasm_pod_runs_a_wasi_program_pulled_from_the_registry() {
 fn kuasar_wasm_v2_1_proxy_mode_wasm_pod_runs_a_wasi_program_with_no_pause_container() {
     wasm_pod_runs_a_wasi_program_pulled_from_the_registry(Version::V2_1, SandboxMode::Proxy);
 }
+
+/// Bad input in proxy mode: a pod-wide PID namespace needs a process to
+/// hold it, which a sandbox without a pause container does not have. The
+/// container is refused with an error that says so; the pod stays usable
+/// and removing it leaves nothing behind. Sandbox API calls for a pod that
+/// does not exist are clear errors too.
+#[test]
+fn v2_1_proxy_mode_refuses_a_pod_wide_pid_namespace_clearly_and_leaves_nothing() {
+    let env = CriEnv::start_with(Version::V2_1, SandboxMode::Proxy);
+    let cri = env.cri();
+    env.pull_busybox();
+    let mut pod = env.pod_config("pidns-proxy");
+    let ns = pod
+        .linux
+        .as_mut()
+        .unwrap()
+        .security_context
+        .as_mut()
+        .unwrap();
+    ns.namespace_options.as_mut().unwrap().pid = NamespaceMode::Pod as i32;
+    let pod_id = env.run_pod(&pod, KUASAR_RUNC);
+    let cfg = env.container_config(&pod, "a", &["sleep", "600"]);
+    let err = match cri.create_container(&pod_id, &cfg, &pod) {
+        Ok(id) => cri
+            .start_container(&id)
+            .err()
+            .unwrap_or_else(|| panic!("a pod-wide PID namespace ran in proxy mode ({id})")),
+        Err(e) => e,
+    };
+    let text = format!("{err:?}");
+    assert!(text.contains("pause-container mode"), "{text}");
+    assert!(cri.pod_sandbox_status(&pod_id).is_ok());
+    assert!(cri.pod_sandbox_status("no-such-pod").is_err());
+    stop_and_remove_pod(&env, &pod_id);
+    env.assert_clean();
+}

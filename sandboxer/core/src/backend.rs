@@ -4,6 +4,9 @@
 //! stdio plumbing and persistence live above this seam; a backend says only
 //! how its sandboxes and containers run, and declares what it can do.
 
+#[cfg(test)]
+pub mod fake;
+
 use std::os::fd::OwnedFd;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;

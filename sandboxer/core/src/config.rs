@@ -193,6 +193,12 @@ max_instances = 600
         assert_eq!(built.wasm.max_instances, shipped.wasm.max_instances);
         assert_eq!(built.wasm.threads, shipped.wasm.threads);
         assert_eq!(built.vmm.enabled, shipped.vmm.enabled);
+        assert_eq!(built.sandbox_listen_path(), shipped.sandbox_listen_path());
+        assert_eq!(built.containerd.address, shipped.containerd.address);
+        assert_eq!(
+            built.containerd.ttrpc_address,
+            shipped.containerd.ttrpc_address
+        );
     }
 
     #[test]

@@ -237,3 +237,115 @@ pub async fn serve(
         tracing::error!("sandbox controller socket: {e}");
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use kuasar_sandbox_api::{Code, SandboxRecord};
+
+    use super::*;
+    use crate::backend::fake::FakeBackend;
+    use crate::config::Config;
+
+    fn controller(dir: &std::path::Path) -> SandboxController {
+        let config = Config {
+            root: dir.join("k"),
+            ..Config::default()
+        };
+        let daemon = Daemon::new(
+            config,
+            kuasar_host::reaper::Reaper::new(),
+            vec![Arc::new(FakeBackend)],
+        )
+        .unwrap();
+        SandboxController {
+            daemon,
+            socket_kind: None,
+        }
+    }
+
+    fn create(id: &str, runtime: &str) -> CreateSandbox {
+        CreateSandbox {
+            namespace: "k8s.io".into(),
+            id: id.into(),
+            sandbox: Some(SandboxRecord {
+                runtime_name: runtime.into(),
+                ..Default::default()
+            }),
+            ..Default::default()
+        }
+    }
+
+    #[tokio::test]
+    async fn a_proxied_pod_gets_its_task_address_with_scheme_and_version_3_and_goes_on_shutdown() {
+        let dir = tempfile::tempdir().unwrap();
+        let c = controller(dir.path());
+        c.create(create("pod", "io.containerd.kuasarrunc.v1"))
+            .await
+            .unwrap();
+        let ready = c.start("k8s.io", "pod").await.unwrap();
+        assert!(
+            ready.address.starts_with("ttrpc+unix:///"),
+            "{}",
+            ready.address
+        );
+        assert_eq!(ready.version, 3);
+        let socket = ready
+            .address
+            .trim_start_matches("ttrpc+unix://")
+            .to_string();
+        assert!(std::path::Path::new(&socket).exists());
+        let st = c.status("k8s.io", "pod", true).await.unwrap();
+        assert_eq!(
+            (st.state.as_str(), st.address),
+            (STATE_READY, ready.address)
+        );
+        assert_eq!(c.platform("k8s.io", "pod").await.unwrap().os, "linux");
+        c.stop("k8s.io", "pod", None).await.unwrap();
+        assert_eq!(c.wait("k8s.io", "pod").await.unwrap().exit_status, 0);
+        assert_eq!(
+            c.status("k8s.io", "pod", false).await.unwrap().state,
+            STATE_NOTREADY
+        );
+        c.shutdown("k8s.io", "pod").await.unwrap();
+        assert!(!std::path::Path::new(&socket).exists());
+        let gone = c.status("k8s.io", "pod", false).await.unwrap_err();
+        assert_eq!(gone.code, Code::NotFound);
+    }
+
+    #[tokio::test]
+    async fn bad_sandbox_api_calls_get_clear_codes_and_leave_nothing() {
+        let dir = tempfile::tempdir().unwrap();
+        let c = controller(dir.path());
+        for call in [
+            c.start("k8s.io", "nope").await.map(|_| ()),
+            c.stop("k8s.io", "nope", None).await,
+            c.shutdown("k8s.io", "nope").await,
+            c.wait("k8s.io", "nope").await.map(|_| ()),
+        ] {
+            assert_eq!(call.unwrap_err().code, Code::NotFound);
+        }
+        let e = c
+            .create(create("pod", "io.containerd.runc.v2"))
+            .await
+            .unwrap_err();
+        assert_eq!(e.code, Code::InvalidArgument);
+        let e = c
+            .create(create("../x", "io.containerd.kuasarrunc.v1"))
+            .await
+            .unwrap_err();
+        assert_eq!(e.code, Code::InvalidArgument);
+        c.create(create("pod", "io.containerd.kuasarrunc.v1"))
+            .await
+            .unwrap();
+        let e = c
+            .create(create("pod", "io.containerd.kuasarrunc.v1"))
+            .await
+            .unwrap_err();
+        assert_eq!(e.code, Code::AlreadyExists);
+        // The pod made first is untouched by the refused second Create.
+        assert!(c.start("k8s.io", "pod").await.is_ok());
+        c.shutdown("k8s.io", "pod").await.unwrap();
+        let sockets: Vec<_> = std::fs::read_dir(dir.path().join("k/t")).unwrap().collect();
+        assert!(sockets.is_empty(), "{sockets:?}");
+    }
+}
