@@ -104,6 +104,18 @@ fn pod_ip(env: &CriEnv, pod_id: &str) -> String {
 }
 
 /// Stops and removes a pod the way kubelet does, asserting each step.
+/// `shareProcessNamespace: true`: one PID namespace for the whole pod.
+fn share_pid_namespace(pod: &mut PodSandboxConfig) {
+    let sc = pod
+        .linux
+        .as_mut()
+        .unwrap()
+        .security_context
+        .as_mut()
+        .unwrap();
+    sc.namespace_options.as_mut().unwrap().pid = NamespaceMode::Pod as i32;
+}
+
 fn stop_and_remove_pod(env: &CriEnv, pod_id: &str) {
     let cri = env.cri();
     cri.stop_pod_sandbox(pod_id)
@@ -356,14 +368,7 @@ fn shared_pid_namespace_shows_siblings_and_pause_reaps_orphans(v: Version, handl
     let cri = env.cri();
     env.pull_busybox();
     let mut pod = env.pod_config("pidns");
-    let ns = pod
-        .linux
-        .as_mut()
-        .unwrap()
-        .security_context
-        .as_mut()
-        .unwrap();
-    ns.namespace_options.as_mut().unwrap().pid = NamespaceMode::Pod as i32;
+    share_pid_namespace(&mut pod);
     let pod_id = env.run_pod(&pod, handler);
     env.run_container(
         &pod_id,
@@ -964,14 +969,7 @@ fn v2_1_proxy_mode_refuses_a_pod_wide_pid_namespace_clearly_and_leaves_nothing()
     let cri = env.cri();
     env.pull_busybox();
     let mut pod = env.pod_config("pidns-proxy");
-    let ns = pod
-        .linux
-        .as_mut()
-        .unwrap()
-        .security_context
-        .as_mut()
-        .unwrap();
-    ns.namespace_options.as_mut().unwrap().pid = NamespaceMode::Pod as i32;
+    share_pid_namespace(&mut pod);
     let pod_id = env.run_pod(&pod, KUASAR_RUNC);
     let cfg = env.container_config(&pod, "a", &["sleep", "600"]);
     let err = match cri.create_container(&pod_id, &cfg, &pod) {
