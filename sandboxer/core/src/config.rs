@@ -181,7 +181,8 @@ max_instances = 600
 
     #[test]
     fn defaults_match_the_shipped_config() {
-        let shipped = Path::new(env!("CARGO_MANIFEST_DIR")).join("../hack/config/sandboxer.toml");
+        let shipped =
+            Path::new(env!("CARGO_MANIFEST_DIR")).join("../../hack/config/sandboxer.toml");
         let shipped = Config::load(&shipped, true).unwrap();
         let built = Config::default();
         assert_eq!(built.root, shipped.root);

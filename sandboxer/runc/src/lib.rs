@@ -169,6 +169,12 @@ impl Sandbox for RuncSandbox {
     async fn stop(&self) -> Result<()> {
         if let Some(ns) = self.namespaces.lock().unwrap().take() {
             ns.release();
+            // The sandbox's directory, and the one of all sandboxes of the
+            // namespace once it is empty.
+            let _ = std::fs::remove_dir_all(&self.state_dir);
+            if let Some(parent) = self.state_dir.parent() {
+                let _ = std::fs::remove_dir(parent);
+            }
         }
         tracing::debug!(namespace = %self.namespace, sandbox = %self.id, "runc sandbox stopped");
         Ok(())

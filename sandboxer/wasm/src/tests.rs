@@ -12,7 +12,7 @@ use kuasar_host::stdio::StdioPaths;
 
 fn wat(name: &str) -> Vec<u8> {
     let path = Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("../tests/wasm")
+        .join("../../tests/wasm")
         .join(format!("{name}.wat"));
     wat::parse_file(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()))
 }
