@@ -2,30 +2,15 @@
 //! `containerd-shim-kuasar*-v1` binaries. It owns every sandbox and task on
 //! the node and serves containerd's Task API on one socket per sandbox.
 
-pub mod backend;
-pub mod config;
-pub mod containerd;
-pub mod control;
-pub mod daemon;
-pub mod error;
-pub mod events;
-pub mod ids;
-pub mod mount;
-pub mod oom;
-pub mod reaper;
-pub mod rpc;
-pub mod spawn;
-pub mod state;
-pub mod stdio;
-pub mod task;
-pub mod upgrade;
-
 use std::os::fd::{AsRawFd, OwnedFd};
 use std::path::PathBuf;
 use std::sync::Arc;
 
 use tokio::signal::unix::{signal, SignalKind};
 use tokio::task::JoinHandle;
+
+pub use kuasar_core::{backend, config, control, daemon, error, sandbox_api, upgrade};
+pub use kuasar_host::reaper;
 
 use crate::backend::Backend;
 use crate::config::Config;
@@ -56,17 +41,19 @@ pub async fn run_with_handover(config: Config, handover: Option<PathBuf>) -> Res
     let mut reaper_task = tokio::spawn(reaper.clone().run());
     let mut backends: Vec<Arc<dyn Backend>> = Vec::new();
     if config.runc.enabled {
-        backends.push(Arc::new(backend::runc::Runc::new(
+        backends.push(Arc::new(kuasar_runc::Runc::new(
             config.runc.binary.clone(),
             &config.root,
             reaper.clone(),
         )));
     }
+    #[cfg(feature = "wasm")]
     if config.wasm.enabled {
-        backends.push(Arc::new(backend::wasm::Wasm::new(
+        backends.push(Arc::new(kuasar_wasm::Wasm::new(
             &config.root,
             &config.wasm,
             reaper.clone(),
+            kuasar_runc::Runc::new(config.runc.binary.clone(), &config.root, reaper.clone()),
         )?));
     }
     let listen = config.listen_path();
@@ -88,7 +75,13 @@ pub async fn run_with_handover(config: Config, handover: Option<PathBuf>) -> Res
             .map(OwnedFd::from)
             .map_err(error::io_context("detaching the private socket"))?,
     };
-    tracing::info!(listen = %listen.display(), "kuasar-sandboxer ready");
+    let sandbox_listen = daemon.config.sandbox_listen_path();
+    let sandbox_socket = control::bind(&sandbox_listen)?;
+    let (stop_controller, controller_stopped) = tokio::sync::oneshot::channel::<()>();
+    let controller = tokio::spawn(sandbox_api::serve(sandbox_socket, daemon.clone(), async {
+        let _ = controller_stopped.await;
+    }));
+    tracing::info!(listen = %listen.display(), sandbox_controller = %sandbox_listen.display(), "kuasar-sandboxer ready");
     let mut control = serve_control(&control_fd, daemon.clone())?;
     let mut term =
         signal(SignalKind::terminate()).map_err(error::io_context("watching SIGTERM"))?;
@@ -109,7 +102,10 @@ pub async fn run_with_handover(config: Config, handover: Option<PathBuf>) -> Res
         }
     }
     control.abort();
+    let _ = stop_controller.send(());
+    let _ = tokio::time::timeout(std::time::Duration::from_secs(2), controller).await;
     let _ = std::fs::remove_file(&listen);
+    let _ = std::fs::remove_file(&sandbox_listen);
     tracing::info!("kuasar-sandboxer stopping");
     Ok(())
 }

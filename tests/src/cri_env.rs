@@ -455,9 +455,15 @@ impl CriEnv {
         env.busybox = registry.push(&busybox, "library/busybox:latest");
         registry.write_hosts_dir(&env.dir.join("certs.d"));
         env.registry = Some(registry);
+        // [containerd]: pods that arrive through the sandbox proxy (no shim
+        // exec tells the daemon containerd's sockets) publish events here.
         std::fs::write(
             env.dir.join("sandboxer.toml"),
-            "log_level = \"debug\"\n[runc]\nbinary = \"runc\"\n[wasm]\nenabled = true\nmax_instances = 100\n",
+            format!(
+                "log_level = \"debug\"\n[runc]\nbinary = \"runc\"\n[wasm]\nenabled = true\nmax_instances = 100\n\
+                 [containerd]\naddress = \"{0}/c.sock\"\nttrpc_address = \"{0}/c.sock.ttrpc\"\n",
+                env.dir.display()
+            ),
         )
         .unwrap();
         std::fs::write(env.dir.join("containerd.toml"), env.containerd_config()).unwrap();

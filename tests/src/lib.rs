@@ -293,7 +293,9 @@ impl Env {
         std::fs::write(
             dir.join("sandboxer.toml"),
             format!(
-                "log_level = \"{log_level}\"\n[runc]\nbinary = \"runc\"\n[wasm]\nenabled = true\nmax_instances = 600\n"
+                "log_level = \"{log_level}\"\n[runc]\nbinary = \"runc\"\n[wasm]\nenabled = true\nmax_instances = 600\n\
+                 [containerd]\naddress = \"{0}/c.sock\"\nttrpc_address = \"{0}/c.sock.ttrpc\"\n",
+                dir.display()
             ),
         )
         .unwrap();

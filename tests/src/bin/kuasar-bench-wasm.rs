@@ -11,12 +11,13 @@
 use std::path::Path;
 use std::time::{Duration, Instant};
 
+use kuasar_core::backend::{Backend, ContainerEvent, CreateRequest, Sandbox, SandboxRequest};
+use kuasar_core::config::WasmConfig;
 use kuasar_e2e::bench::{ms, percentile, pss_kb};
 use kuasar_e2e::{Env, Version, KUASAR_RUNC, RUNC_V2};
-use kuasar_sandboxer::backend::wasm::Wasm;
-use kuasar_sandboxer::backend::{Backend, ContainerEvent, CreateRequest};
-use kuasar_sandboxer::config::WasmConfig;
-use kuasar_sandboxer::stdio::StdioPaths;
+use kuasar_host::stdio::StdioPaths;
+use kuasar_runc::Runc;
+use kuasar_wasm::Wasm;
 
 struct Opts {
     version: Version,
@@ -108,18 +109,19 @@ fn bundle(dir: &Path, id: &str, program: &[u8], netns: Option<&Path>) -> std::pa
 }
 
 /// (create+start, create+start+exit) of one instance, in ms.
-async fn one_start(wasm: &Wasm, bundle: &Path) -> (f64, f64) {
+async fn one_start(wasm: &dyn Sandbox, bundle: &Path) -> (f64, f64) {
     let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
     let req = CreateRequest {
         namespace: "bench".into(),
         id: bundle.file_name().unwrap().to_string_lossy().into(),
         bundle: bundle.to_path_buf(),
         stdio: StdioPaths::default(),
+        rootfs: Vec::new(),
         events: tx,
         containerd: String::new(),
     };
     let t = Instant::now();
-    let c = wasm.create(req).await.expect("create");
+    let c = wasm.create_container(req).await.expect("create");
     c.start().await.expect("start");
     let started = ms(t.elapsed());
     loop {
@@ -149,22 +151,29 @@ fn in_daemon(starts: usize) {
             enabled: true,
             ..Default::default()
         };
-        let wasm = Wasm::new(
-            &dir.join("root"),
-            &cfg,
-            kuasar_sandboxer::reaper::Reaper::new(),
-        )
-        .unwrap();
+        let reaper = kuasar_host::reaper::Reaper::new();
+        let root = dir.join("root");
+        let linux = Runc::new("runc".into(), &root, reaper.clone());
+        let backend = Wasm::new(&root, &cfg, reaper, linux).unwrap();
+        let wasm = backend
+            .create_sandbox(SandboxRequest {
+                namespace: "bench".into(),
+                id: "bench".into(),
+                ..Default::default()
+            })
+            .await
+            .unwrap();
+        let wasm = wasm.as_ref();
         let cold_n = starts.min(50);
         let (mut cold, mut warm, mut warm_exit) = (Vec::new(), Vec::new(), Vec::new());
         for i in 0..cold_n {
             let b = bundle(&dir, &format!("cold{i}"), &hello_variant(&hello, i), None);
-            cold.push(one_start(&wasm, &b).await.0);
+            cold.push(one_start(wasm, &b).await.0);
         }
         let b = bundle(&dir, "warm", &hello, None);
-        one_start(&wasm, &b).await; // compiles it once
+        one_start(wasm, &b).await; // compiles it once
         for _ in 0..starts {
-            let (s, e) = one_start(&wasm, &b).await;
+            let (s, e) = one_start(wasm, &b).await;
             warm.push(s);
             warm_exit.push(e);
         }
@@ -173,7 +182,7 @@ fn in_daemon(starts: usize) {
         let b = bundle(&dir, "net", &hello, Some(&pod.path()));
         let mut net = Vec::new();
         for _ in 0..starts {
-            net.push(one_start(&wasm, &b).await.0);
+            net.push(one_start(wasm, &b).await.0);
         }
         println!("\nin-daemon instance start (wasm backend, WASI hello, no containerd)\n");
         println!("| metric | p50 | p99 |");

@@ -1,0 +1,217 @@
+//! The seam between the generic layer and what runs the workload. A backend
+//! creates sandboxes (pods); a sandbox creates the containers that belong to
+//! it. The Task API, the sandbox lifecycle as containerd sees it, events,
+//! stdio plumbing and persistence live above this seam; a backend says only
+//! how its sandboxes and containers run, and declares what it can do.
+
+use std::os::fd::OwnedFd;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use async_trait::async_trait;
+use containerd_shim_protos::api::{Mount, ProcessInfo};
+use kuasar_protocol::Kind;
+use protobuf::well_known_types::any::Any;
+use tokio::sync::mpsc;
+
+use crate::error::Result;
+use kuasar_host::stdio::{IoFds, StdioPaths};
+
+/// An opaque record a backend persists and hands over for one of its
+/// sandboxes or containers; the generic layer stores it and gives it back.
+pub type BackendRecord = serde_json::Value;
+
+/// What a container reports to the task layer.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ContainerEvent {
+    /// A process ended: exec id (`None` for init) and exit status in
+    /// containerd's convention.
+    Exit(Option<String>, u32),
+    /// The container ran out of memory.
+    Oom,
+}
+
+/// Where a container reports its events.
+pub type EventSink = mpsc::UnboundedSender<ContainerEvent>;
+
+/// What a backend declares it can do. The generic layer asks this, never
+/// which kind it holds.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Capabilities {
+    /// Its workloads live outside the daemon's memory, so a re-executed
+    /// daemon can take them over (live upgrade).
+    pub survives_reexec: bool,
+}
+
+/// What a backend needs to create a sandbox.
+#[derive(Clone, Debug, Default)]
+pub struct SandboxRequest {
+    pub namespace: String,
+    pub id: String,
+    /// Set for a pod made through containerd's Sandbox API, whose sandbox
+    /// holds the pod's namespaces. `None`: its containers bring their own
+    /// (a pause container holds them) or use the host's.
+    pub pod: Option<PodConfig>,
+    /// A directory of the daemon's reserved for this sandbox.
+    pub state_dir: PathBuf,
+}
+
+/// What containerd's Sandbox API says of a pod.
+#[derive(Clone, Debug, Default)]
+pub struct PodConfig {
+    /// The network namespace containerd made and configured (CNI); `None`
+    /// for host networking.
+    pub netns: Option<PathBuf>,
+    pub hostname: Option<String>,
+}
+
+/// What a sandbox needs to create a container. The bundle holds
+/// `config.json`; `rootfs` are the mounts containerd sent, which the
+/// backend makes available to the container (and removes on delete).
+pub struct CreateRequest {
+    pub namespace: String,
+    pub id: String,
+    pub bundle: PathBuf,
+    pub rootfs: Vec<Mount>,
+    pub stdio: StdioPaths,
+    pub events: EventSink,
+    /// containerd's gRPC socket (empty if unknown), where its images are.
+    pub containerd: String,
+}
+
+/// A container a predecessor daemon ran (live upgrade): what is known of
+/// it, and which of its processes still live.
+pub struct RestoreRequest {
+    pub namespace: String,
+    pub id: String,
+    pub bundle: PathBuf,
+    pub pid: u32,
+    /// The init process has not exited yet.
+    pub init_live: bool,
+    /// Started exec processes: exec id, pid, not exited yet.
+    pub execs: Vec<(String, u32, bool)>,
+    /// The stdio plumbing of its processes, as handed over.
+    pub io: Vec<ProcessIoHandover>,
+    pub events: EventSink,
+    /// What the container's [`Container::record`] said.
+    pub record: BackendRecord,
+}
+
+/// What a live upgrade hands over of one process's stdio plumbing.
+#[derive(Debug, Default)]
+pub struct ProcessIoHandover {
+    /// `None` for the init process.
+    pub exec_id: Option<String>,
+    /// The terminal master.
+    pub master: Option<OwnedFd>,
+    pub fds: IoFds,
+    /// A `binary://` log driver.
+    pub logger_pid: Option<i32>,
+    /// The stdin FIFO, reopened if the copy had not opened it yet.
+    pub stdin_path: String,
+}
+
+#[async_trait]
+pub trait Backend: Send + Sync {
+    fn kind(&self) -> Kind;
+
+    fn capabilities(&self) -> Capabilities;
+
+    /// Creates a sandbox; it holds nothing running until started.
+    async fn create_sandbox(&self, req: SandboxRequest) -> Result<Arc<dyn Sandbox>>;
+
+    /// Takes over a sandbox from a predecessor daemon, from what its
+    /// [`Sandbox::record`] said.
+    async fn restore_sandbox(
+        &self,
+        req: SandboxRequest,
+        record: BackendRecord,
+    ) -> Result<Arc<dyn Sandbox>>;
+
+    /// Removes whatever is left of a container the daemon no longer tracks
+    /// (containerd's `shim delete` after a lost connection or a restart),
+    /// its rootfs included.
+    async fn cleanup(&self, namespace: &str, id: &str, bundle: &Path) -> Result<()>;
+}
+
+/// One sandbox (pod) of a backend: what its containers share.
+#[async_trait]
+pub trait Sandbox: Send + Sync {
+    /// Makes the sandbox ready for containers (pins the pod's namespaces,
+    /// boots a VM); returns the pid containerd may report for it, 0 where
+    /// the sandbox has no process.
+    async fn start(&self) -> Result<u32>;
+
+    /// Releases what `start` set up. Its containers are gone by then.
+    async fn stop(&self) -> Result<()>;
+
+    /// Metrics of the sandbox as a whole, if it has any of its own.
+    async fn metrics(&self) -> Result<Option<Any>> {
+        Ok(None)
+    }
+
+    /// Creates a container in this sandbox; its init process exists but
+    /// has not started. A failure leaves nothing behind.
+    async fn create_container(&self, req: CreateRequest) -> Result<Box<dyn Container>>;
+
+    /// Takes over a container from a predecessor daemon, reporting the
+    /// exits of its live processes from now on.
+    async fn restore_container(&self, req: RestoreRequest) -> Result<Box<dyn Container>>;
+
+    /// What a successor needs to take this sandbox over.
+    fn record(&self) -> BackendRecord {
+        BackendRecord::Null
+    }
+}
+
+/// One container of a sandbox. `exec_id` `None` means the init process.
+#[async_trait]
+pub trait Container: Send + Sync {
+    /// The pid containerd reports for the init process (0 where the backend
+    /// runs no process for it).
+    fn pid(&self) -> u32;
+
+    async fn start(&self) -> Result<u32>;
+
+    /// Whether Exec can add processes to this container.
+    fn exec_supported(&self) -> Result<()> {
+        Ok(())
+    }
+
+    /// Starts a process added with Exec; `spec` is the OCI process as JSON.
+    async fn exec(&self, exec_id: &str, spec: &[u8], stdio: &StdioPaths) -> Result<u32>;
+
+    async fn kill(&self, exec_id: Option<&str>, signal: u32, all: bool) -> Result<()>;
+
+    async fn pause(&self) -> Result<()>;
+
+    async fn resume(&self) -> Result<()>;
+
+    /// `resources` is an OCI `LinuxResources` as JSON.
+    async fn update(&self, resources: &[u8]) -> Result<()>;
+
+    /// An Any of `io.containerd.cgroups.v1.Metrics` or `...v2.Metrics`.
+    async fn stats(&self) -> Result<Any>;
+
+    async fn pids(&self) -> Result<Vec<ProcessInfo>>;
+
+    async fn resize_pty(&self, exec_id: Option<&str>, width: u32, height: u32) -> Result<()>;
+
+    async fn close_stdin(&self, exec_id: Option<&str>) -> Result<()>;
+
+    /// Releases an exited exec process's resources.
+    async fn delete_exec(&self, exec_id: &str);
+
+    /// Removes the container and its rootfs; `force` kills what still runs.
+    async fn delete(&self, force: bool) -> Result<()>;
+
+    /// Duplicates of its processes' stdio plumbing, for a live upgrade.
+    async fn handover_io(&self) -> Vec<ProcessIoHandover> {
+        Vec::new()
+    }
+
+    /// What a successor needs besides the generic task record.
+    fn record(&self) -> BackendRecord {
+        BackendRecord::Null
+    }
+}
