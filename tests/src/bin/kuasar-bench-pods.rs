@@ -327,7 +327,7 @@ fn start_parallel(
     (ms(end - t0), ids, errors)
 }
 
-/// Starts `n` pods, `chunk` at a time (not timed).
+/// Starts `n` pods, 10 at a time (not timed).
 fn start_many(
     env: &CriEnv,
     w: &Workload,
@@ -660,17 +660,17 @@ fn check_abort() {
 }
 
 fn main() {
-    take_signals();
     let opts = parse_opts();
     assert!(
         Path::new("/proc/self/smaps_rollup").exists(),
         "needs /proc/PID/smaps_rollup"
     );
     // The sandboxer logs at its production level while measured (RUST_LOG
-    // overrides the env's debug config).
+    // overrides the env's debug config). Set while no other thread runs.
     if std::env::var_os("RUST_LOG").is_none() {
         std::env::set_var("RUST_LOG", "info");
     }
+    take_signals();
     let t_run = Instant::now();
     let load_before = loadavg();
     let ver = opts.version;
