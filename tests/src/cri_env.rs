@@ -479,6 +479,8 @@ impl CriEnv {
         env.busybox = registry.push(&busybox, "library/busybox:latest");
         registry.write_hosts_dir(&env.dir.join("certs.d"));
         env.registry = Some(registry);
+        // [containerd]: pods that arrive through the sandbox proxy (no shim
+        // exec tells the daemon containerd's sockets) publish events here.
         std::fs::write(
             env.dir.join("sandboxer.toml"),
             format!(
