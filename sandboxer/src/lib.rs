@@ -56,6 +56,13 @@ pub async fn run_with_handover(config: Config, handover: Option<PathBuf>) -> Res
             kuasar_runc::Runc::new(config.runc.binary.clone(), &config.root, reaper.clone()),
         )?));
     }
+    if config.vmm.enabled {
+        backends.push(Arc::new(kuasar_vmm::Vmm::new(
+            &config.vmm,
+            &config.root,
+            reaper.clone(),
+        )?));
+    }
     let listen = config.listen_path();
     let daemon = daemon::Daemon::new(config, reaper.clone(), backends)?;
     let adopted = match &handover {

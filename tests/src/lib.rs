@@ -243,6 +243,24 @@ impl Drop for EventStream {
     }
 }
 
+/// The guest image the vmm tests boot (`hack/build-guest-image.sh`).
+pub fn guest_dir() -> Option<PathBuf> {
+    std::env::var_os("KUASAR_GUEST_DIR").map(PathBuf::from)
+}
+
+/// The sandboxer's `[vmm]` table: the guest image under test, on TCG
+/// unless `KUASAR_VMM_ACCEL` says otherwise.
+pub fn vmm_config() -> String {
+    let Some(dir) = guest_dir() else {
+        return "[vmm]\nenabled = false\n".into();
+    };
+    let accel = std::env::var("KUASAR_VMM_ACCEL").unwrap_or_else(|_| "tcg".into());
+    format!(
+        "[vmm]\nkernel = \"{0}/vmlinux\"\ninitrd = \"{0}/initramfs.cpio\"\naccel = \"{accel}\"\n",
+        dir.display()
+    )
+}
+
 /// Directories of an env that get their own tmpfs.
 pub(crate) const OWN_TMPFS: [&str; 2] = ["state", "k"];
 
@@ -294,8 +312,9 @@ impl Env {
             dir.join("sandboxer.toml"),
             format!(
                 "log_level = \"{log_level}\"\n[runc]\nbinary = \"runc\"\n[wasm]\nenabled = true\nmax_instances = 600\n\
-                 [containerd]\naddress = \"{0}/c.sock\"\nttrpc_address = \"{0}/c.sock.ttrpc\"\n",
-                dir.display()
+                 [containerd]\naddress = \"{0}/c.sock\"\nttrpc_address = \"{0}/c.sock.ttrpc\"\n{1}",
+                dir.display(),
+                vmm_config(),
             ),
         )
         .unwrap();
@@ -618,6 +637,12 @@ impl Env {
         }
         for (root, id) in self.runc_states() {
             out.push(format!("runc state {}", root.join(id).display()));
+        }
+        let marker = self.dir.to_string_lossy().into_owned();
+        for (pid, cmd) in processes() {
+            if cmd.contains("qemu-system") && cmd.contains(&marker) {
+                out.push(format!("qemu {pid}"));
+            }
         }
         let cg = self.cgroup_name();
         for pid in cgroup::procs(&cg) {

@@ -23,7 +23,7 @@ pub struct Config {
     pub log_level: String,
     pub runc: RuncConfig,
     pub wasm: WasmConfig,
-    pub vmm: BackendToggle,
+    pub vmm: VmmConfig,
     pub containerd: ContainerdConfig,
     /// Where containerd 2.x's `[proxy_plugins.NAME] type = "sandbox"`
     /// connects; defaults to `<root>/sandbox.sock`.
@@ -87,10 +87,58 @@ impl Default for WasmConfig {
     }
 }
 
-#[derive(Debug, Clone, Default, Deserialize)]
+/// The microVM backend: one qemu VM per sandbox, booted from the guest
+/// image `hack/build-guest-image.sh` builds.
+#[derive(Debug, Clone, Deserialize)]
 #[serde(default, deny_unknown_fields)]
-pub struct BackendToggle {
+pub struct VmmConfig {
     pub enabled: bool,
+    /// qemu, by path or looked up in `PATH`.
+    pub qemu: String,
+    /// The guest kernel (an uncompressed vmlinux, booted through PVH).
+    pub kernel: PathBuf,
+    /// The guest's initramfs (the agent as `/init`, runc, modules).
+    pub initrd: PathBuf,
+    /// Appended to the kernel command line.
+    pub kernel_params: String,
+    /// `auto` (KVM if `/dev/kvm` really runs a guest, probed once), `kvm`
+    /// or `tcg`.
+    pub accel: String,
+    /// How long the KVM probe may take before TCG is chosen.
+    pub probe_timeout_ms: u64,
+    /// The TCG translation cache of each VM, in MiB.
+    pub tcg_cache_mib: u32,
+    /// Defaults for a pod that asks for nothing.
+    pub vcpus: u32,
+    pub memory_mib: u32,
+    /// The most one VM may have.
+    pub max_vcpus: u32,
+    pub max_memory_mib: u32,
+    /// How long a VM may take to boot to its agent.
+    pub boot_timeout_ms: u64,
+    /// How long a clean shutdown may take before qemu is killed.
+    pub shutdown_timeout_ms: u64,
+}
+
+impl Default for VmmConfig {
+    fn default() -> Self {
+        VmmConfig {
+            enabled: true,
+            qemu: "qemu-system-x86_64".into(),
+            kernel: "/usr/local/share/kuasar/guest/vmlinux".into(),
+            initrd: "/usr/local/share/kuasar/guest/initramfs.cpio".into(),
+            kernel_params: String::new(),
+            accel: "auto".into(),
+            probe_timeout_ms: 3000,
+            tcg_cache_mib: 32,
+            vcpus: 1,
+            memory_mib: 128,
+            max_vcpus: 8,
+            max_memory_mib: 8192,
+            boot_timeout_ms: 20000,
+            shutdown_timeout_ms: 3000,
+        }
+    }
 }
 
 impl Default for Config {
@@ -102,7 +150,7 @@ impl Default for Config {
             log_level: "info".into(),
             runc: RuncConfig::default(),
             wasm: WasmConfig::default(),
-            vmm: BackendToggle::default(),
+            vmm: VmmConfig::default(),
             containerd: ContainerdConfig::default(),
             sandbox_listen: None,
         }
@@ -172,7 +220,8 @@ max_instances = 600
         assert_eq!(c.listen_path(), PathBuf::from("/tmp/k/s.sock"));
         assert_eq!(c.allowed_uids, vec![0, 1000]);
         assert_eq!(c.runc.binary, "/usr/sbin/runc");
-        assert!(!c.vmm.enabled);
+        assert!(c.vmm.enabled);
+        assert_eq!(c.vmm.accel, "auto");
         assert!(c.wasm.enabled);
         assert_eq!(c.wasm.max_instances, 600);
         assert_eq!(c.wasm.max_memory_mib, 4096);
@@ -193,7 +242,45 @@ max_instances = 600
         assert_eq!(built.wasm.enabled, shipped.wasm.enabled);
         assert_eq!(built.wasm.max_instances, shipped.wasm.max_instances);
         assert_eq!(built.wasm.threads, shipped.wasm.threads);
-        assert_eq!(built.vmm.enabled, shipped.vmm.enabled);
+        let (b, s) = (&built.vmm, &shipped.vmm);
+        assert_eq!(
+            (
+                b.enabled,
+                &b.qemu,
+                &b.kernel,
+                &b.initrd,
+                &b.kernel_params,
+                &b.accel
+            ),
+            (
+                s.enabled,
+                &s.qemu,
+                &s.kernel,
+                &s.initrd,
+                &s.kernel_params,
+                &s.accel
+            )
+        );
+        assert_eq!(
+            (
+                b.probe_timeout_ms,
+                b.tcg_cache_mib,
+                b.vcpus,
+                b.memory_mib,
+                b.max_vcpus
+            ),
+            (
+                s.probe_timeout_ms,
+                s.tcg_cache_mib,
+                s.vcpus,
+                s.memory_mib,
+                s.max_vcpus
+            )
+        );
+        assert_eq!(
+            (b.max_memory_mib, b.boot_timeout_ms, b.shutdown_timeout_ms),
+            (s.max_memory_mib, s.boot_timeout_ms, s.shutdown_timeout_ms)
+        );
         assert_eq!(built.sandbox_listen_path(), shipped.sandbox_listen_path());
         assert_eq!(built.containerd.address, shipped.containerd.address);
         assert_eq!(

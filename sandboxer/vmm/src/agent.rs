@@ -1,0 +1,288 @@
+//! The host's end of the agent channel: calls matched to answers by id,
+//! process output written where containerd reads it, container events
+//! routed to their tasks. When the channel ends (the VM died), every call
+//! waiting is answered and every live process is reported exited (137).
+
+use std::collections::{HashMap, HashSet};
+use std::os::fd::OwnedFd;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use kuasar_agent_api::{
+    self as api, event, frame, read_frame, request, response, write_frame, Frame, FrameError,
+};
+use kuasar_core::backend::{ContainerEvent, EventSink};
+use kuasar_core::error::{Error, Result};
+use kuasar_host::stdio::FdStream;
+use kuasar_protocol::Code;
+use tokio::io::{AsyncWrite, AsyncWriteExt};
+use tokio::sync::{mpsc, oneshot};
+
+/// The status containerd reports for a process whose VM died: SIGKILL.
+pub const KILLED: u32 = 128 + 9;
+
+type Reply = std::result::Result<response::Result, api::Status>;
+
+#[derive(Default)]
+struct State {
+    pending: HashMap<u64, oneshot::Sender<Reply>>,
+    outputs: HashMap<u64, mpsc::UnboundedSender<Vec<u8>>>,
+    events: HashMap<String, EventSink>,
+    /// Processes that exist in the guest, by container: exec ids, "" for
+    /// the init process.
+    live: HashMap<String, HashSet<String>>,
+    /// Why the channel ended, once it has.
+    dead: Option<String>,
+}
+
+pub struct Agent {
+    tx: mpsc::UnboundedSender<Frame>,
+    state: Mutex<State>,
+    next_id: AtomicU64,
+    next_stream: AtomicU64,
+    /// What the VM's console said last, for errors (set by the owner).
+    describe_death: Mutex<Option<Box<dyn Fn() -> String + Send + Sync>>>,
+}
+
+impl Agent {
+    /// Serves the channel on `fd` (the host end of the VM's port).
+    pub fn connect(fd: OwnedFd) -> Result<Arc<Agent>> {
+        let read_fd = fd.try_clone().map_err(kuasar_core::error::io_context(
+            "duplicating the agent channel",
+        ))?;
+        let mut reader = FdStream::new(read_fd)
+            .map_err(kuasar_core::error::io_context("watching the agent channel"))?;
+        let mut writer = FdStream::new(fd)
+            .map_err(kuasar_core::error::io_context("watching the agent channel"))?;
+        let (tx, mut rx) = mpsc::unbounded_channel::<Frame>();
+        let agent = Arc::new(Agent {
+            tx,
+            state: Mutex::default(),
+            next_id: AtomicU64::new(1),
+            next_stream: AtomicU64::new(1),
+            describe_death: Mutex::new(None),
+        });
+        tokio::spawn(async move {
+            while let Some(f) = rx.recv().await {
+                if let Err(e) = write_frame(&mut writer, &f).await {
+                    tracing::debug!("agent channel write: {e}");
+                    break;
+                }
+            }
+        });
+        let weak = Arc::downgrade(&agent);
+        tokio::spawn(async move {
+            let reason = loop {
+                let f = read_frame(&mut reader).await;
+                let Some(agent) = weak.upgrade() else { return };
+                match f {
+                    Ok(f) => agent.receive(f),
+                    Err(FrameError::Closed) => break "the VM closed the agent channel".to_string(),
+                    Err(e) => break format!("the agent channel failed: {e}"),
+                }
+            };
+            if let Some(agent) = weak.upgrade() {
+                agent.die(reason);
+            }
+        });
+        Ok(agent)
+    }
+
+    /// Sets what is added to errors once the VM is gone (its console tail).
+    pub fn on_death(&self, describe: impl Fn() -> String + Send + Sync + 'static) {
+        *self.describe_death.lock().unwrap() = Some(Box::new(describe));
+    }
+
+    pub fn stream_id(&self) -> u64 {
+        self.next_stream.fetch_add(1, Ordering::Relaxed)
+    }
+
+    pub fn is_dead(&self) -> bool {
+        self.state.lock().unwrap().dead.is_some()
+    }
+
+    fn dead_error(&self, reason: &str) -> Error {
+        Error::Unavailable(format!("the sandbox VM is gone: {reason}"))
+    }
+
+    /// Sends a call and waits for its answer, at most `timeout`.
+    pub async fn call(&self, call: request::Call, timeout: Duration) -> Result<response::Result> {
+        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+        let (tx, rx) = oneshot::channel();
+        {
+            let mut st = self.state.lock().unwrap();
+            if let Some(reason) = &st.dead {
+                return Err(self.dead_error(reason));
+            }
+            st.pending.insert(id, tx);
+        }
+        let _ = self.tx.send(Frame::request(id, call));
+        match tokio::time::timeout(timeout, rx).await {
+            Ok(Ok(Ok(r))) => Ok(r),
+            Ok(Ok(Err(s))) => Err(Error::from_code(Code::from_i32(s.code as i32), s.message)),
+            Ok(Err(_)) => {
+                let reason = self.state.lock().unwrap().dead.clone().unwrap_or_default();
+                Err(self.dead_error(&reason))
+            }
+            Err(_) => {
+                self.state.lock().unwrap().pending.remove(&id);
+                Err(Error::DeadlineExceeded(format!(
+                    "the guest agent did not answer within {timeout:?}"
+                )))
+            }
+        }
+    }
+
+    /// Sends stdin bytes (or its end) for stream `sid`.
+    pub fn input(&self, sid: u64, data: Vec<u8>, eof: bool) {
+        let _ = self.tx.send(Frame::input(sid, data, eof));
+    }
+
+    /// Writes what the guest sends on stream `sid` into `to`, closing it at
+    /// the stream's end.
+    pub fn add_output(&self, sid: u64, to: OwnedFd) -> Result<()> {
+        let mut w: Pin<Box<dyn AsyncWrite + Send + Sync>> = kuasar_host::stdio::writer(to)
+            .map_err(kuasar_core::error::io_context("watching a process output"))?;
+        let (tx, mut rx) = mpsc::unbounded_channel::<Vec<u8>>();
+        tokio::spawn(async move {
+            while let Some(chunk) = rx.recv().await {
+                if w.write_all(&chunk).await.is_err() {
+                    // The reader went away: drop what follows, as a shim does.
+                    while rx.recv().await.is_some() {}
+                    break;
+                }
+            }
+            let _ = w.shutdown().await;
+        });
+        let mut st = self.state.lock().unwrap();
+        if st.dead.is_none() {
+            st.outputs.insert(sid, tx);
+        }
+        Ok(())
+    }
+
+    pub fn drop_output(&self, sid: u64) {
+        self.state.lock().unwrap().outputs.remove(&sid);
+    }
+
+    /// Routes a container's events to `sink`.
+    pub fn add_container(&self, id: &str, sink: EventSink) {
+        self.state
+            .lock()
+            .unwrap()
+            .events
+            .insert(id.to_string(), sink);
+    }
+
+    pub fn remove_container(&self, id: &str) {
+        let mut st = self.state.lock().unwrap();
+        st.events.remove(id);
+        st.live.remove(id);
+    }
+
+    /// Records that a process exists in the guest (after Create or Exec).
+    pub fn process_started(&self, id: &str, exec_id: &str) {
+        let mut st = self.state.lock().unwrap();
+        if st.dead.is_some() {
+            drop(st);
+            // The VM died while the call was answered: report it now.
+            self.report_exit(id, exec_id, KILLED);
+            return;
+        }
+        st.live
+            .entry(id.to_string())
+            .or_default()
+            .insert(exec_id.to_string());
+    }
+
+    fn report_exit(&self, id: &str, exec_id: &str, status: u32) {
+        let sink = self.state.lock().unwrap().events.get(id).cloned();
+        if let Some(sink) = sink {
+            let exec = (!exec_id.is_empty()).then(|| exec_id.to_string());
+            let _ = sink.send(ContainerEvent::Exit(exec, status));
+        }
+    }
+
+    fn receive(&self, f: Frame) {
+        match f.body {
+            Some(frame::Body::Response(r)) => {
+                let tx = self.state.lock().unwrap().pending.remove(&r.id);
+                let reply = match (r.error, r.result) {
+                    (Some(e), _) => Err(e),
+                    (None, Some(ok)) => Ok(ok),
+                    (None, None) => Err(api::Status::new(
+                        api::code::INTERNAL,
+                        "the guest agent answered with nothing",
+                    )),
+                };
+                if let Some(tx) = tx {
+                    let _ = tx.send(reply);
+                }
+            }
+            Some(frame::Body::Output(o)) => {
+                let mut st = self.state.lock().unwrap();
+                if let Some(w) = st.outputs.get(&o.stream) {
+                    if !o.data.is_empty() {
+                        let _ = w.send(o.data);
+                    }
+                }
+                if o.eof {
+                    st.outputs.remove(&o.stream);
+                }
+            }
+            Some(frame::Body::Event(e)) => match e.kind {
+                Some(event::Kind::Exit(x)) => {
+                    let known = self
+                        .state
+                        .lock()
+                        .unwrap()
+                        .live
+                        .get_mut(&e.id)
+                        .map(|l| l.remove(&x.exec_id))
+                        .unwrap_or(false);
+                    if known {
+                        self.report_exit(&e.id, &x.exec_id, x.status);
+                    }
+                }
+                Some(event::Kind::Oom(_)) => {
+                    let sink = self.state.lock().unwrap().events.get(&e.id).cloned();
+                    if let Some(sink) = sink {
+                        let _ = sink.send(ContainerEvent::Oom);
+                    }
+                }
+                None => {}
+            },
+            other => tracing::warn!("unexpected frame from the guest agent: {other:?}"),
+        }
+    }
+
+    /// The channel ended: answers every waiting call and reports every
+    /// live process killed.
+    pub fn die(&self, reason: String) {
+        let reason = match &*self.describe_death.lock().unwrap() {
+            Some(describe) => format!("{reason}; {}", describe()),
+            None => reason,
+        };
+        let (pending, live) = {
+            let mut st = self.state.lock().unwrap();
+            if st.dead.is_some() {
+                return;
+            }
+            tracing::warn!("{reason}");
+            st.dead = Some(reason);
+            st.outputs.clear();
+            (
+                std::mem::take(&mut st.pending),
+                std::mem::take(&mut st.live),
+            )
+        };
+        drop(pending); // each waiter sees its sender dropped
+        for (id, execs) in live {
+            for exec_id in execs {
+                self.report_exit(&id, &exec_id, KILLED);
+            }
+        }
+    }
+}

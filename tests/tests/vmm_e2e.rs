@@ -1,0 +1,228 @@
+//! End-to-end: real containerd (1.6.20 and 2.1.9), real ctr, real qemu
+//! (TCG unless `KUASAR_VMM_ACCEL` says otherwise) booting the guest image
+//! of `hack/build-guest-image.sh` (`KUASAR_GUEST_DIR`), through
+//! `io.containerd.kuasarvmm.v1`. Each container of `ctr run` gets a VM of
+//! its own. Every test ends by checking that no qemu, mount, socket or
+//! state file is left.
+
+use std::io::{Read, Write};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use kuasar_e2e::{guest_dir, run_cmd, Env, Version};
+
+const VMM: &str = "io.containerd.kuasarvmm.v1";
+
+kuasar_e2e::both_versions!(
+    the_guest_kernel_runs_the_container_with_output_and_exit_codes,
+    exec_with_and_without_terminal_stdin_and_kill,
+    log_uri_file_receives_the_guests_output,
+    qemu_killed_mid_run_ends_every_task_with_137_and_leaks_nothing,
+    bad_input_gets_clear_errors_and_the_daemon_serves_on,
+);
+
+fn guest_release() -> String {
+    let dir = guest_dir().expect("KUASAR_GUEST_DIR names the guest image (hack/test.sh sets it)");
+    std::fs::read_to_string(dir.join("kernel.release"))
+        .expect("kernel.release in the guest image")
+        .trim()
+        .to_string()
+}
+
+/// qemu processes of this env.
+fn qemu_pids(env: &Env) -> Vec<i32> {
+    let marker = env.dir.to_string_lossy().into_owned();
+    let mut out = Vec::new();
+    for e in std::fs::read_dir("/proc").unwrap().flatten() {
+        let Ok(pid) = e.file_name().to_string_lossy().parse::<i32>() else {
+            continue;
+        };
+        let cmd = std::fs::read(e.path().join("cmdline")).unwrap_or_default();
+        let cmd = String::from_utf8_lossy(&cmd).replace('\0', " ");
+        if cmd.contains("qemu-system") && cmd.contains(&marker) {
+            out.push(pid);
+        }
+    }
+    out
+}
+
+fn the_guest_kernel_runs_the_container_with_output_and_exit_codes(v: Version) {
+    let env = Env::start(v);
+    let host = String::from_utf8(Command::new("uname").arg("-r").output().unwrap().stdout).unwrap();
+    let o = env.run_rm(VMM, "u1", &["uname", "-r"]);
+    assert!(o.ok(), "{o}\n{}", env.log_tails());
+    assert_eq!(o.stdout.trim(), guest_release(), "{o}");
+    assert_ne!(o.stdout.trim(), host.trim());
+    let o = env.run_rm(VMM, "u2", &["sh", "-c", "echo out; echo err >&2; exit 7"]);
+    assert_eq!(o.status, Some(7), "{o}\n{}", env.log_tails());
+    assert_eq!(o.stdout.trim(), "out");
+    assert_eq!(o.stderr.trim(), "err");
+    // A killed init process: 128 + 9.
+    let o = env.run_rm(VMM, "u3", &["sh", "-c", "kill -9 $$"]);
+    assert!(o.status == Some(137) || o.status == Some(0), "{o}");
+    env.assert_clean();
+}
+
+fn exec_with_and_without_terminal_stdin_and_kill(v: Version) {
+    let env = Env::start(v);
+    env.run_detached(
+        VMM,
+        "x1",
+        &[
+            "sh",
+            "-c",
+            "trap 'exit 42' TERM; while true; do sleep 0.1; done",
+        ],
+    );
+    env.wait_status("x1", "RUNNING");
+    let o = env.ctr(&[
+        "task",
+        "exec",
+        "--exec-id",
+        "e1",
+        "x1",
+        "sh",
+        "-c",
+        "echo in-exec; uname -r; exit 3",
+    ]);
+    assert_eq!(o.status, Some(3), "{o}\n{}", env.log_tails());
+    assert!(o.stdout.starts_with("in-exec"), "{o}");
+    assert!(o.stdout.contains(&guest_release()), "{o}");
+    // ctr -t needs a terminal on its own stdin: run it under script(1).
+    let ctr = format!(
+        "{} --address {} task exec -t --exec-id e2 x1 sh -c 'tty; echo tty-ok'",
+        env.version.bin_dir().join("ctr").display(),
+        env.grpc_socket().display()
+    );
+    let o = run_cmd(
+        Command::new("script").args(["-qec", &ctr, "/dev/null"]),
+        Duration::from_secs(60),
+    );
+    assert!(o.ok(), "{o}\n{}", env.log_tails());
+    assert!(
+        o.stdout.contains("/dev/pts/"),
+        "exec did not get a terminal: {o}"
+    );
+    assert!(o.stdout.contains("tty-ok"), "{o}");
+    // Stdin reaches an exec in the guest and its EOF ends it.
+    let mut child = env
+        .ctr_command()
+        .args(["task", "exec", "--exec-id", "e3", "x1", "cat"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut stdin = child.stdin.take().unwrap();
+    let mut stdout = child.stdout.take().unwrap();
+    let reader = std::thread::spawn(move || {
+        let mut out = String::new();
+        let _ = stdout.read_to_string(&mut out);
+        out
+    });
+    stdin.write_all(b"through stdin into the VM\n").unwrap();
+    drop(stdin);
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let status = loop {
+        if let Some(st) = child.try_wait().unwrap() {
+            break st;
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            panic!("exec cat did not end after stdin EOF\n{}", env.log_tails());
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    assert!(status.success(), "{status:?}");
+    assert_eq!(reader.join().unwrap().trim(), "through stdin into the VM");
+    // Pids are the guest's; the init process is one of them.
+    let ps = env.ctr_ok(&["task", "ps", "x1"]);
+    assert!(ps.lines().count() >= 2, "{ps}");
+    let metrics = env.ctr_ok(&["task", "metrics", "x1"]);
+    assert!(metrics.contains("memory"), "{metrics}");
+    // SIGTERM reaches the init process in the guest: the trap exits 42.
+    env.ctr_ok(&["task", "kill", "x1"]);
+    env.wait_status("x1", "STOPPED");
+    let ls = env.ctr_ok(&["task", "ls"]);
+    assert!(ls.contains("x1"), "{ls}");
+    env.remove("x1");
+    // SIGKILL: 137, learned by a foreground ctr.
+    let mut fg = env.run_command(&["--rm"], VMM, "x2", &["sleep", "600"]);
+    let waiter = std::thread::spawn(move || run_cmd(&mut fg, Duration::from_secs(120)));
+    env.wait_status("x2", "RUNNING");
+    env.ctr_ok(&["task", "kill", "-s", "KILL", "x2"]);
+    let o = waiter.join().unwrap();
+    assert_eq!(o.status, Some(137), "{o}");
+    env.assert_clean();
+}
+
+fn log_uri_file_receives_the_guests_output(v: Version) {
+    let env = Env::start(v);
+    let log = env.dir.join("vm-out.log");
+    let uri = format!("file://{}", log.display());
+    let o = env.run_with(
+        &["--rm", "--log-uri", &uri],
+        VMM,
+        "l1",
+        &["sh", "-c", "echo to-log; echo err-log >&2"],
+    );
+    assert!(o.ok(), "{o}\n{}", env.log_tails());
+    let text = std::fs::read_to_string(&log).unwrap_or_default();
+    assert!(
+        text.contains("to-log") && text.contains("err-log"),
+        "{text:?}"
+    );
+    env.assert_clean();
+}
+
+fn qemu_killed_mid_run_ends_every_task_with_137_and_leaks_nothing(v: Version) {
+    let env = Env::start(v);
+    let mut fg = env.run_command(&["--rm"], VMM, "q1", &["sleep", "600"]);
+    let waiter = std::thread::spawn(move || run_cmd(&mut fg, Duration::from_secs(120)));
+    env.wait_status("q1", "RUNNING");
+    let pids = qemu_pids(&env);
+    assert_eq!(pids.len(), 1, "one VM for one container: {pids:?}");
+    // SAFETY: plain kill(2) of a qemu this test's daemon started.
+    assert_eq!(unsafe { libc::kill(pids[0], libc::SIGKILL) }, 0);
+    let started = Instant::now();
+    let o = waiter.join().unwrap();
+    assert_eq!(o.status, Some(137), "{o}\n{}", env.log_tails());
+    assert!(
+        started.elapsed() < Duration::from_secs(20),
+        "the exit took {:?}",
+        started.elapsed()
+    );
+    // The daemon serves on: a new VM runs.
+    let o = env.run_rm(VMM, "q2", &["echo", "after"]);
+    assert!(o.ok(), "{o}\n{}", env.log_tails());
+    assert_eq!(o.stdout.trim(), "after");
+    env.assert_clean();
+}
+
+fn bad_input_gets_clear_errors_and_the_daemon_serves_on(v: Version) {
+    let env = Env::start(v);
+    // A program the image does not have: runc in the guest says so.
+    let o = env.run_rm(VMM, "b1", &["/no/such/program"]);
+    assert!(!o.ok(), "{o}");
+    let text = format!("{}{}", o.stdout, o.stderr);
+    assert!(text.contains("/no/such/program"), "{o}");
+    // A bind mount whose source does not exist on the host.
+    let o = env.run_with(
+        &[
+            "--rm",
+            "--mount",
+            "type=bind,src=/nonexistent/kuasar-src,dst=/x,options=rbind",
+        ],
+        VMM,
+        "b2",
+        &["true"],
+    );
+    assert!(!o.ok(), "{o}");
+    assert!(
+        format!("{}{}", o.stdout, o.stderr).contains("/nonexistent/kuasar-src"),
+        "{o}"
+    );
+    let o = env.run_rm(VMM, "b3", &["echo", "still-serving"]);
+    assert!(o.ok(), "{o}\n{}", env.log_tails());
+    assert_eq!(o.stdout.trim(), "still-serving");
+    env.assert_clean();
+}
