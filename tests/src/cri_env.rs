@@ -33,6 +33,7 @@ use crate::{
 pub const RUNC: &str = "runc";
 pub const KUASAR_RUNC: &str = "kuasar-runc";
 pub const KUASAR_WASM: &str = "kuasar-wasm";
+pub const KUASAR_VMM: &str = "kuasar-vmm";
 /// The pod sandbox image hack/build-pause-image.sh builds (`/pause` is
 /// kuasar-pause from this workspace).
 pub const PAUSE_IMAGE: &str = "docker.io/kuasar/pause:latest";
@@ -485,8 +486,9 @@ impl CriEnv {
             env.dir.join("sandboxer.toml"),
             format!(
                 "log_level = \"debug\"\n[runc]\nbinary = \"runc\"\n[wasm]\nenabled = true\nmax_instances = 100\n\
-                 [containerd]\naddress = \"{0}/c.sock\"\nttrpc_address = \"{0}/c.sock.ttrpc\"\n",
-                env.dir.display()
+                 [containerd]\naddress = \"{0}/c.sock\"\nttrpc_address = \"{0}/c.sock.ttrpc\"\n{1}",
+                env.dir.display(),
+                crate::vmm_config(),
             ),
         )
         .unwrap();
@@ -632,6 +634,8 @@ state = "{d}/state"
       runtime_type = "io.containerd.kuasarrunc.v1"
     [plugins."io.containerd.grpc.v1.cri".containerd.runtimes.{KUASAR_WASM}]
       runtime_type = "io.containerd.kuasarwasm.v1"
+    [plugins."io.containerd.grpc.v1.cri".containerd.runtimes.{KUASAR_VMM}]
+      runtime_type = "io.containerd.kuasarvmm.v1"
   [plugins."io.containerd.grpc.v1.cri".registry]
     config_path = "{d}/certs.d"
 "#
@@ -688,6 +692,9 @@ state = '{d}/state'
         sandboxer = '{sandboxer}'
       [plugins.'io.containerd.cri.v1.runtime'.containerd.runtimes.{KUASAR_WASM}]
         runtime_type = 'io.containerd.kuasarwasm.v1'
+        sandboxer = '{sandboxer}'
+      [plugins.'io.containerd.cri.v1.runtime'.containerd.runtimes.{KUASAR_VMM}]
+        runtime_type = 'io.containerd.kuasarvmm.v1'
         sandboxer = '{sandboxer}'
   [plugins.'io.containerd.grpc.v1.cri']
     stream_server_address = '127.0.0.1'
@@ -903,6 +910,12 @@ state = '{d}/state'
             .collect();
         for f in self.netns_files() {
             out.push(format!("netns {}", f.display()));
+        }
+        let marker = self.dir.to_string_lossy().into_owned();
+        for (pid, cmd) in crate::processes() {
+            if cmd.contains("qemu-system") && cmd.contains(&marker) {
+                out.push(format!("qemu {pid}"));
+            }
         }
         let cg = self.name();
         for pid in cgroup::procs(&cg) {

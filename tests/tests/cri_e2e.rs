@@ -17,7 +17,7 @@ use kuasar_e2e::cri::api::{
     PortMapping, Protocol,
 };
 use kuasar_e2e::cri::Cri;
-use kuasar_e2e::cri_env::{CriEnv, SandboxMode, KUASAR_RUNC, KUASAR_WASM, PAUSE_IMAGE};
+use kuasar_e2e::cri_env::{CriEnv, SandboxMode, KUASAR_RUNC, KUASAR_VMM, KUASAR_WASM, PAUSE_IMAGE};
 use kuasar_e2e::Version;
 use tonic::Code;
 
@@ -985,4 +985,97 @@ fn v2_1_proxy_mode_refuses_a_pod_wide_pid_namespace_clearly_and_leaves_nothing()
     assert!(cri.pod_sandbox_status("no-such-pod").is_err());
     stop_and_remove_pod(&env, &pod_id);
     env.assert_clean();
+}
+
+/// qemu processes of a CRI env.
+fn qemu_count(env: &CriEnv) -> usize {
+    let marker = env.dir.to_string_lossy().into_owned();
+    kuasar_e2e::processes()
+        .into_iter()
+        .filter(|(_, cmd)| cmd.contains("qemu-system") && cmd.contains(&marker))
+        .count()
+}
+
+/// A pod through the `kuasar-vmm` handler: one VM holds all its
+/// containers (1.6: the pause container runs in the VM, no pause process
+/// on the host; 2.1 proxy mode: no pause container and no shim exec). The
+/// containers run on the guest kernel, share the VM's network and the pod's
+/// hostname, ExecSync and logs work, and stopping the pod stops the VM.
+fn vmm_pod_runs_its_containers_in_one_vm(v: Version, mode: SandboxMode) {
+    let Some(guest) = kuasar_e2e::guest_dir() else {
+        panic!("KUASAR_GUEST_DIR names the guest image (hack/test.sh sets it)");
+    };
+    let release = std::fs::read_to_string(guest.join("kernel.release")).unwrap();
+    let env = CriEnv::start_counting_shim_execs(v, mode);
+    let cri = env.cri();
+    env.pull_busybox();
+    let pod = env.pod_config("vmpod");
+    let pod_id = env.run_pod(&pod, KUASAR_VMM);
+    let server = env.container_config(
+        &pod,
+        "server",
+        &[
+            "sh",
+            "-c",
+            "echo served-in-vm > /tmp/index.html; echo server-up; exec httpd -f -p 8080 -h /tmp",
+        ],
+    );
+    let sid = env.run_container(&pod_id, &pod, &server);
+    let client = env.container_config(&pod, "client", &["sleep", "600"]);
+    let cid = env.run_container(&pod_id, &pod, &client);
+    assert_eq!(
+        qemu_count(&env),
+        1,
+        "one VM for the pod\n{}",
+        env.log_tails()
+    );
+    for id in [&sid, &cid] {
+        assert_eq!(exec_out(cri, id, &["uname", "-r"]).trim(), release.trim());
+        assert_eq!(exec_out(cri, id, &["hostname"]).trim(), "vmpod");
+    }
+    let page = wait_until("the server in the VM", Duration::from_secs(30), || {
+        cri.exec_sync(
+            &cid,
+            &["wget", "-qO-", "http://127.0.0.1:8080/index.html"],
+            10,
+        )
+        .ok()
+        .filter(|r| r.exit_code == 0)
+    });
+    assert_eq!(String::from_utf8_lossy(&page.stdout).trim(), "served-in-vm");
+    let r = cri
+        .exec_sync(&cid, &["sh", "-c", "echo out; echo err >&2; exit 3"], 10)
+        .unwrap();
+    assert_eq!(r.exit_code, 3);
+    assert_eq!(String::from_utf8_lossy(&r.stdout).trim(), "out");
+    assert_eq!(String::from_utf8_lossy(&r.stderr).trim(), "err");
+    let log = wait_until("the server's log", Duration::from_secs(10), || {
+        std::fs::read_to_string(env.dir.join("logs/vmpod/server.log"))
+            .ok()
+            .filter(|l| l.contains("server-up"))
+    });
+    assert!(log.contains(" stdout F server-up"), "{log}");
+    cri.stop_container(&cid, 2).unwrap();
+    let st = cri.container_status(&cid).unwrap();
+    assert_eq!(st.state, ContainerState::ContainerExited as i32, "{st:?}");
+    stop_and_remove_pod(&env, &pod_id);
+    assert_eq!(qemu_count(&env), 0, "the VM outlived its pod");
+    env.assert_clean();
+    if mode == SandboxMode::Proxy {
+        assert_eq!(
+            env.shim_execs(),
+            Vec::<String>::new(),
+            "proxy mode execs no shim"
+        );
+    }
+}
+
+#[test]
+fn kuasar_vmm_v1_6_pod_runs_its_containers_in_one_vm() {
+    vmm_pod_runs_its_containers_in_one_vm(Version::V1_6, SandboxMode::PodSandbox);
+}
+
+#[test]
+fn kuasar_vmm_v2_1_proxy_mode_pod_runs_its_containers_in_one_vm() {
+    vmm_pod_runs_its_containers_in_one_vm(Version::V2_1, SandboxMode::Proxy);
 }

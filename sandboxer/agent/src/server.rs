@@ -13,7 +13,7 @@ use kuasar_agent_api::{
     Status,
 };
 use kuasar_core::backend::{
-    Backend, Container, ContainerEvent, CreateRequest, PodConfig, Sandbox, SandboxRequest,
+    Backend, Container, ContainerEvent, CreateRequest, Sandbox, SandboxRequest,
 };
 use kuasar_core::error::Error;
 use kuasar_host::reaper::Reaper;
@@ -55,7 +55,7 @@ struct Ctr {
 struct Agent {
     out: Sender,
     runc: kuasar_runc::Runc,
-    sandbox: tokio::sync::OnceCell<(Arc<dyn Sandbox>, bool)>,
+    sandbox: tokio::sync::OnceCell<Arc<dyn Sandbox>>,
     containers: Mutex<HashMap<String, Arc<Ctr>>>,
     /// Writers of processes' stdin, by stream id.
     stdin: Mutex<HashMap<u64, mpsc::UnboundedSender<api::Input>>>,
@@ -347,30 +347,27 @@ impl Agent {
         if h.unix_seconds > 0 {
             init::set_time(h.unix_seconds, h.unix_nanos);
         }
-        let pinned = h.pin_pod_namespaces;
-        let hostname = (!h.hostname.is_empty()).then(|| h.hostname.clone());
+        if !h.hostname.is_empty() {
+            nix::unistd::sethostname(&h.hostname).map_err(|e| {
+                Status::new(
+                    code::INVALID_ARGUMENT,
+                    format!("hostname {:?}: {e}", h.hostname),
+                )
+            })?;
+        }
         self.sandbox
             .get_or_try_init(|| async {
-                let pod = pinned.then(|| PodConfig {
-                    netns: None,
-                    hostname: hostname.clone(),
-                });
-                if !pinned {
-                    if let Some(h) = &hostname {
-                        let _ = nix::unistd::sethostname(h);
-                    }
-                }
                 let sandbox = self
                     .runc
                     .create_sandbox(SandboxRequest {
                         namespace: NAMESPACE.into(),
                         id: "pod".into(),
-                        pod,
+                        pod: None,
                         state_dir: Path::new(STATE).join("pod"),
                     })
                     .await?;
                 sandbox.start().await?;
-                Ok::<_, Error>((sandbox, pinned))
+                Ok::<_, Error>(sandbox)
             })
             .await
             .map_err(status)?;
@@ -384,7 +381,7 @@ impl Agent {
     }
 
     async fn create(self: &Arc<Self>, c: api::CreateContainer) -> Result<response::Result, Status> {
-        let Some((sandbox, pinned)) = self.sandbox.get().cloned() else {
+        let Some(sandbox) = self.sandbox.get().cloned() else {
             return Err(Status::new(
                 code::FAILED_PRECONDITION,
                 "Create before Hello",
@@ -401,7 +398,7 @@ impl Agent {
         }
         let mut spec: serde_json::Value = serde_json::from_slice(&c.spec)
             .map_err(|e| invalid(format!("the spec is not valid JSON: {e}")))?;
-        crate::spec::adapt(&mut spec, pinned).map_err(invalid)?;
+        crate::spec::adapt(&mut spec).map_err(invalid)?;
         let bundle = Path::new(STATE).join("bundles").join(&c.id);
         std::fs::create_dir_all(&bundle)
             .map_err(|e| Status::new(code::INTERNAL, format!("creating the bundle: {e}")))?;

@@ -5,22 +5,18 @@
 
 use serde_json::Value;
 
-/// Rewrites the namespaces of `spec`: a network namespace named by path is
-/// the VM's; an IPC or UTS namespace named by a path the guest does not
-/// have is the VM's too, except `/proc/0/ns/*` (the pod's, pinned by the
-/// agent when the pod has no pause container), which is left for the
-/// runc sandbox to resolve. Anything else named by a path the guest does
-/// not have is an error.
-pub fn adapt(spec: &mut Value, pod_pinned: bool) -> Result<(), String> {
+/// Rewrites the namespaces of `spec`: a network namespace named by path
+/// (containerd's CNI netns on the host) is the VM's; an IPC or UTS
+/// namespace named by a path the guest does not have (the pod's on the
+/// host: `/proc/<pid>/ns/*` of a sandbox with no process in the guest) is
+/// the VM's too. Paths the guest has (a pause container's in the guest) are
+/// kept. Anything else named by a path the guest does not have is an error.
+pub fn adapt(spec: &mut Value) -> Result<(), String> {
     let exists = |p: &str| std::path::Path::new(p).exists();
-    adapt_with(spec, pod_pinned, &exists)
+    adapt_with(spec, &exists)
 }
 
-fn adapt_with(
-    spec: &mut Value,
-    pod_pinned: bool,
-    exists: &dyn Fn(&str) -> bool,
-) -> Result<(), String> {
+fn adapt_with(spec: &mut Value, exists: &dyn Fn(&str) -> bool) -> Result<(), String> {
     let mut dropped_uts = false;
     if let Some(namespaces) = spec
         .pointer_mut("/linux/namespaces")
@@ -37,19 +33,16 @@ fn adapt_with(
                 kept.push(ns);
                 continue;
             };
-            let pod_path = path.starts_with("/proc/0/ns/");
             match kind.as_str() {
-                "network" => continue,
-                "ipc" | "uts" if pod_path && pod_pinned => kept.push(ns),
-                "ipc" | "uts" if !exists(&path) || pod_path => {
-                    dropped_uts |= kind == "uts";
-                }
-                _ if exists(&path) && !pod_path => kept.push(ns),
-                // The runc sandbox names what it cannot hold.
-                _ if pod_path && pod_pinned => kept.push(ns),
+                "network" => {}
+                _ if exists(&path) => kept.push(ns),
+                "ipc" => {}
+                "uts" => dropped_uts = true,
                 _ => {
                     return Err(format!(
-                        "the spec joins the {kind} namespace at {path}, which is not in the VM"
+                        "the spec joins the {kind} namespace at {path}, which is not in the VM \
+                         (a namespace shared by the pod needs a process holding it in the VM: \
+                         use the pause-container mode for such pods)"
                     ))
                 }
             }
@@ -93,7 +86,7 @@ mod tests {
             {"type": "ipc", "path": "/proc/42/ns/ipc"},
             {"type": "uts", "path": "/proc/42/ns/uts"},
         ]}});
-        adapt_with(&mut spec, false, &|p| p.starts_with("/proc/42/")).unwrap();
+        adapt_with(&mut spec, &|p| p.starts_with("/proc/42/")).unwrap();
         assert_eq!(
             types(&spec),
             vec![
@@ -111,25 +104,16 @@ mod tests {
         let mut spec = json!({"hostname": "pod", "linux": {"namespaces": [
             {"type": "ipc", "path": "/proc/7/ns/ipc"}, {"type": "uts", "path": "/proc/7/ns/uts"},
         ]}});
-        adapt_with(&mut spec, false, &|_| false).unwrap();
+        adapt_with(&mut spec, &|_| false).unwrap();
         assert!(types(&spec).is_empty());
         assert!(spec.get("hostname").is_none());
-    }
-
-    #[test]
-    fn pod_paths_are_left_to_the_pinned_namespaces() {
-        let mut spec = json!({"linux": {"namespaces": [
-            {"type": "ipc", "path": "/proc/0/ns/ipc"}, {"type": "pid", "path": "/proc/0/ns/pid"},
-        ]}});
-        adapt_with(&mut spec, true, &|_| true).unwrap();
-        assert_eq!(types(&spec).len(), 2);
     }
 
     #[test]
     fn a_pid_namespace_not_in_the_vm_is_refused() {
         let mut spec =
             json!({"linux": {"namespaces": [{"type": "pid", "path": "/proc/99/ns/pid"}]}});
-        let e = adapt_with(&mut spec, false, &|_| false).unwrap_err();
+        let e = adapt_with(&mut spec, &|_| false).unwrap_err();
         assert!(e.contains("pid namespace at /proc/99/ns/pid"), "{e}");
     }
 }

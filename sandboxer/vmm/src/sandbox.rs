@@ -70,7 +70,6 @@ impl Sandbox for VmSandbox {
                 .as_ref()
                 .and_then(|p| p.hostname.clone())
                 .unwrap_or_default(),
-            pin_pod_namespaces: pod.is_some(),
             unix_seconds: t.unix_seconds,
             unix_nanos: t.unix_nanos,
         };
