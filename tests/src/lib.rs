@@ -249,14 +249,19 @@ pub fn guest_dir() -> Option<PathBuf> {
 }
 
 /// The sandboxer's `[vmm]` table: the guest image under test, on TCG
-/// unless `KUASAR_VMM_ACCEL` says otherwise.
+/// unless `KUASAR_VMM_ACCEL` says otherwise, with `KUASAR_VMM_KERNEL_PARAMS`
+/// added to the guest's command line.
 pub fn vmm_config() -> String {
     let Some(dir) = guest_dir() else {
         return "[vmm]\nenabled = false\n".into();
     };
     let accel = std::env::var("KUASAR_VMM_ACCEL").unwrap_or_else(|_| "tcg".into());
+    // Debugging a guest: e.g. KUASAR_AGENT_LOG=debug (the kernel passes
+    // unknown parameters to init as environment).
+    let params = std::env::var("KUASAR_VMM_KERNEL_PARAMS").unwrap_or_default();
     format!(
-        "[vmm]\nkernel = \"{0}/vmlinux\"\ninitrd = \"{0}/initramfs.cpio\"\naccel = \"{accel}\"\n",
+        "[vmm]\nkernel = \"{0}/vmlinux\"\ninitrd = \"{0}/initramfs.cpio\"\naccel = \"{accel}\"\n\
+         kernel_params = \"{params}\"\n",
         dir.display()
     )
 }

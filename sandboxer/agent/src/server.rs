@@ -139,6 +139,28 @@ fn invalid(m: impl Into<String>) -> Status {
     Status::new(code::INVALID_ARGUMENT, m)
 }
 
+fn call_name(call: &request::Call) -> &'static str {
+    use request::Call;
+    match call {
+        Call::Hello(_) => "Hello",
+        Call::Create(_) => "Create",
+        Call::Start(_) => "Start",
+        Call::Exec(_) => "Exec",
+        Call::Kill(_) => "Kill",
+        Call::Pause(_) => "Pause",
+        Call::Resume(_) => "Resume",
+        Call::Update(_) => "Update",
+        Call::Stats(_) => "Stats",
+        Call::Pids(_) => "Pids",
+        Call::ResizePty(_) => "ResizePty",
+        Call::CloseStdin(_) => "CloseStdin",
+        Call::DeleteExec(_) => "DeleteExec",
+        Call::Delete(_) => "Delete",
+        Call::Shutdown(_) => "Shutdown",
+        Call::SetTime(_) => "SetTime",
+    }
+}
+
 fn exec_key(exec_id: &str) -> Option<&str> {
     (!exec_id.is_empty()).then_some(exec_id)
 }
@@ -168,6 +190,7 @@ impl Agent {
                     }
                 }
                 let agent = self.clone();
+                tracing::debug!(id = req.id, "call {}", call_name(&call));
                 tokio::spawn(async move {
                     let id = req.id;
                     let handled = tokio::spawn({
@@ -185,6 +208,7 @@ impl Agent {
                             ),
                         )),
                     };
+                    tracing::debug!(id, ok = result.is_ok(), "answered");
                     agent.out.send(Frame::response(id, result));
                 });
             }
@@ -364,6 +388,7 @@ impl Agent {
                         id: "pod".into(),
                         pod: None,
                         state_dir: Path::new(STATE).join("pod"),
+                        resources: Default::default(),
                     })
                     .await?;
                 sandbox.start().await?;

@@ -57,6 +57,51 @@ pub struct SandboxRequest {
     pub pod: Option<PodConfig>,
     /// A directory of the daemon's reserved for this sandbox.
     pub state_dir: PathBuf,
+    /// What the pod asks for as a whole (sizes a VM).
+    pub resources: SandboxResources,
+}
+
+/// What a pod asks for as a whole: from the Sandbox API's pod config, or,
+/// for a sandbox made at its first container's Create, from that
+/// container's spec.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct SandboxResources {
+    pub annotations: std::collections::HashMap<String, String>,
+    pub memory_limit_bytes: Option<u64>,
+    /// CPU quota over period.
+    pub cpus: Option<f64>,
+}
+
+impl SandboxResources {
+    /// From an OCI spec: its annotations and `linux.resources`.
+    pub fn from_spec(spec: &serde_json::Value) -> SandboxResources {
+        let annotations = spec["annotations"]
+            .as_object()
+            .map(|m| {
+                m.iter()
+                    .filter_map(|(k, v)| Some((k.clone(), v.as_str()?.to_string())))
+                    .collect()
+            })
+            .unwrap_or_default();
+        let r = &spec["linux"]["resources"];
+        let memory_limit_bytes = r["memory"]["limit"]
+            .as_i64()
+            .filter(|l| *l > 0)
+            .map(|l| l as u64);
+        SandboxResources {
+            annotations,
+            memory_limit_bytes,
+            cpus: cpus(r["cpu"]["quota"].as_i64(), r["cpu"]["period"].as_u64()),
+        }
+    }
+}
+
+/// CPUs from a CFS quota and period (none when either is unset).
+pub fn cpus(quota: Option<i64>, period: Option<u64>) -> Option<f64> {
+    match (quota, period) {
+        (Some(q), Some(p)) if q > 0 && p > 0 => Some(q as f64 / p as f64),
+        _ => None,
+    }
 }
 
 /// What containerd's Sandbox API says of a pod.

@@ -125,7 +125,13 @@ impl Sandbox {
     /// The backend's sandbox, ready for containers. A pod whose containers
     /// arrive without a Sandbox API call first (a pause container, a
     /// container of no pod) is created and started here.
-    pub async fn ready_backend(&self, daemon: &Daemon) -> Result<Arc<dyn backend::Sandbox>> {
+    /// `bundle` is the first container's: its spec says what the pod asks
+    /// for.
+    pub async fn ready_backend(
+        &self,
+        daemon: &Daemon,
+        bundle: &std::path::Path,
+    ) -> Result<Arc<dyn backend::Sandbox>> {
         let _t = self.transition.lock().await;
         let (backend, ready) = {
             let life = self.life.lock().unwrap();
@@ -138,10 +144,13 @@ impl Sandbox {
                 self.id
             ))),
             None => {
-                let b = daemon
-                    .backend(self.kind)?
-                    .create_sandbox(daemon.sandbox_request(&self.namespace, &self.id))
-                    .await?;
+                let mut req = daemon.sandbox_request(&self.namespace, &self.id);
+                if let Ok(spec) = std::fs::read(bundle.join("config.json")) {
+                    if let Ok(spec) = serde_json::from_slice(&spec) {
+                        req.resources = backend::SandboxResources::from_spec(&spec);
+                    }
+                }
+                let b = daemon.backend(self.kind)?.create_sandbox(req).await?;
                 let pid = b.start().await?;
                 let mut life = self.life.lock().unwrap();
                 life.backend = Some(b.clone());
@@ -550,6 +559,7 @@ impl Daemon {
             id: id.into(),
             pod: None,
             state_dir: self.store.sandbox_dir(namespace, id),
+            resources: Default::default(),
         }
     }
 

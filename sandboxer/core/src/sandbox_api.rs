@@ -15,7 +15,7 @@ use kuasar_sandbox_api::{
     UpdateSandbox, STATE_NOTREADY, STATE_READY, TASK_API_VERSION,
 };
 
-use crate::backend::PodConfig;
+use crate::backend::{PodConfig, SandboxResources};
 use crate::daemon::{Daemon, Sandbox};
 use crate::error::Error;
 
@@ -25,6 +25,27 @@ use crate::error::Error;
 struct PodSandboxConfig {
     #[prost(string, tag = "2")]
     hostname: String,
+    #[prost(map = "string, string", tag = "7")]
+    annotations: std::collections::HashMap<String, String>,
+    #[prost(message, optional, tag = "8")]
+    linux: Option<LinuxPodSandboxConfig>,
+}
+
+#[derive(Clone, PartialEq, prost::Message)]
+struct LinuxPodSandboxConfig {
+    /// The pod's resources (the sum of its containers' and the overhead).
+    #[prost(message, optional, tag = "5")]
+    resources: Option<LinuxContainerResources>,
+}
+
+#[derive(Clone, PartialEq, prost::Message)]
+struct LinuxContainerResources {
+    #[prost(int64, tag = "1")]
+    cpu_period: i64,
+    #[prost(int64, tag = "2")]
+    cpu_quota: i64,
+    #[prost(int64, tag = "4")]
+    memory_limit_in_bytes: i64,
 }
 
 const POD_CONFIG_TYPE: &str = "runtime.v1.PodSandboxConfig";
@@ -72,19 +93,29 @@ impl SandboxController {
     }
 }
 
-fn pod_config(req: &CreateSandbox) -> Result<PodConfig, Status> {
-    let hostname = match &req.options {
+/// What the Sandbox API says of a pod: its config and what it asks for.
+fn pod_config(req: &CreateSandbox) -> Result<(PodConfig, SandboxResources), Status> {
+    let config = match &req.options {
         Some(any) if any.type_url.ends_with(POD_CONFIG_TYPE) => {
             <PodSandboxConfig as prost::Message>::decode(any.value.as_slice())
                 .map_err(|e| Status::invalid_argument(format!("pod config: {e}")))?
-                .hostname
         }
-        _ => String::new(),
+        _ => PodSandboxConfig::default(),
     };
-    Ok(PodConfig {
-        netns: (!req.netns_path.is_empty()).then(|| req.netns_path.clone().into()),
-        hostname: (!hostname.is_empty()).then_some(hostname),
-    })
+    let r = config.linux.and_then(|l| l.resources).unwrap_or_default();
+    let resources = SandboxResources {
+        annotations: config.annotations,
+        memory_limit_bytes: (r.memory_limit_in_bytes > 0).then_some(r.memory_limit_in_bytes as u64),
+        cpus: crate::backend::cpus(Some(r.cpu_quota), Some(r.cpu_period.max(0) as u64)),
+    };
+    let hostname = config.hostname;
+    Ok((
+        PodConfig {
+            netns: (!req.netns_path.is_empty()).then(|| req.netns_path.clone().into()),
+            hostname: (!hostname.is_empty()).then_some(hostname),
+        },
+        resources,
+    ))
 }
 
 #[async_trait]
@@ -97,7 +128,7 @@ impl Controller for SandboxController {
                 req.netns_path
             )));
         }
-        let pod = pod_config(&req)?;
+        let (pod, resources) = pod_config(&req)?;
         let backend = self.daemon.backend(kind)?;
         let sandbox = self
             .daemon
@@ -105,6 +136,7 @@ impl Controller for SandboxController {
             .await?;
         let mut sreq = self.daemon.sandbox_request(&req.namespace, &req.id);
         sreq.pod = Some(pod);
+        sreq.resources = resources;
         if let Err(e) = sandbox.create_backend(backend.as_ref(), sreq).await {
             // A failed Create leaves nothing (in shim mode the socket stays
             // for containerd's ShutdownSandbox and `shim delete`).

@@ -43,7 +43,7 @@ pub struct Agent {
     next_id: AtomicU64,
     next_stream: AtomicU64,
     /// What the VM's console said last, for errors (set by the owner).
-    describe_death: Mutex<Option<Box<dyn Fn() -> String + Send + Sync>>>,
+    describe: Mutex<Option<Box<dyn Fn() -> String + Send + Sync>>>,
 }
 
 impl Agent {
@@ -62,7 +62,7 @@ impl Agent {
             state: Mutex::default(),
             next_id: AtomicU64::new(1),
             next_stream: AtomicU64::new(1),
-            describe_death: Mutex::new(None),
+            describe: Mutex::new(None),
         });
         tokio::spawn(async move {
             while let Some(f) = rx.recv().await {
@@ -90,9 +90,10 @@ impl Agent {
         Ok(agent)
     }
 
-    /// Sets what is added to errors once the VM is gone (its console tail).
-    pub fn on_death(&self, describe: impl Fn() -> String + Send + Sync + 'static) {
-        *self.describe_death.lock().unwrap() = Some(Box::new(describe));
+    /// Sets what is added to errors of a VM that is gone or does not answer
+    /// (its console tail).
+    pub fn describe_with(&self, describe: impl Fn() -> String + Send + Sync + 'static) {
+        *self.describe.lock().unwrap() = Some(Box::new(describe));
     }
 
     pub fn stream_id(&self) -> u64 {
@@ -128,8 +129,12 @@ impl Agent {
             }
             Err(_) => {
                 self.state.lock().unwrap().pending.remove(&id);
+                let console = match &*self.describe.lock().unwrap() {
+                    Some(describe) => describe(),
+                    None => String::new(),
+                };
                 Err(Error::DeadlineExceeded(format!(
-                    "the guest agent did not answer within {timeout:?}"
+                    "the guest agent did not answer within {timeout:?}; {console}"
                 )))
             }
         }
@@ -261,7 +266,7 @@ impl Agent {
     /// The channel ended: answers every waiting call and reports every
     /// live process killed.
     pub fn die(&self, reason: String) {
-        let reason = match &*self.describe_death.lock().unwrap() {
+        let reason = match &*self.describe.lock().unwrap() {
             Some(describe) => format!("{reason}; {}", describe()),
             None => reason,
         };

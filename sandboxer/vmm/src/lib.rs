@@ -7,6 +7,7 @@ mod agent;
 mod qemu;
 mod sandbox;
 mod share;
+mod size;
 mod vm;
 
 use std::path::{Path, PathBuf};

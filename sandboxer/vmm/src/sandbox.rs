@@ -26,7 +26,7 @@ use crate::Shared;
 /// How long an ordinary call may take in the guest.
 const CALL: Duration = Duration::from_secs(30);
 /// Create and Exec run runc in the guest (slow under TCG).
-const LAUNCH: Duration = Duration::from_secs(60);
+const LAUNCH: Duration = Duration::from_secs(40);
 
 pub struct VmSandbox {
     shared: Arc<Shared>,
@@ -61,6 +61,7 @@ impl Sandbox for VmSandbox {
             return Ok(vm.pid as u32);
         }
         let config = &self.shared.config;
+        let size = crate::size::size(config, &self.req.resources, crate::size::host_memory_mib())?;
         let accel = self.shared.accel().await;
         let pod = self.req.pod.clone();
         let t = vm::now();
@@ -77,8 +78,8 @@ impl Sandbox for VmSandbox {
             BootRequest {
                 config,
                 accel,
-                vcpus: config.vcpus,
-                memory_mib: config.memory_mib,
+                vcpus: size.vcpus,
+                memory_mib: size.memory_mib,
                 dir: &self.req.state_dir,
                 hello,
                 timeout: Duration::from_millis(config.boot_timeout_ms),
@@ -92,6 +93,8 @@ impl Sandbox for VmSandbox {
             sandbox = %self.req.id,
             pid = vm.pid,
             accel = accel.as_str(),
+            vcpus = size.vcpus,
+            memory_mib = size.memory_mib,
             kernel = %vm.guest.kernel_release,
             boot_ms = vm.guest.boot_time.as_millis() as u64,
             "sandbox VM up"

@@ -69,7 +69,7 @@ impl Vm {
         let agent = Agent::connect(host.into())?;
         {
             let (console, log) = (console.clone(), req.dir.join("qemu.log"));
-            agent.on_death(move || describe(&console, &log));
+            agent.describe_with(move || describe(&console, &log));
         }
         let watcher = Arc::downgrade(&agent);
         tokio::spawn(async move {

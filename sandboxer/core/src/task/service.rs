@@ -256,7 +256,7 @@ impl TaskService {
         let (events_tx, events_rx) = tokio::sync::mpsc::unbounded_channel();
         let container = self
             .sandbox
-            .ready_backend(&self.daemon)
+            .ready_backend(&self.daemon, &bundle)
             .await?
             .create_container(CreateRequest {
                 namespace: ns.into(),
