@@ -291,3 +291,168 @@ impl Agent {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use kuasar_agent_api::{encode_frame, Frame};
+    use std::os::unix::net::UnixStream;
+    use tokio::io::AsyncWriteExt;
+
+    /// An agent client and the guest's end of its channel.
+    fn pair() -> (Arc<Agent>, tokio::net::UnixStream) {
+        let (host, guest) = UnixStream::pair().unwrap();
+        guest.set_nonblocking(true).unwrap();
+        (
+            Agent::connect(host.into()).unwrap(),
+            tokio::net::UnixStream::from_std(guest).unwrap(),
+        )
+    }
+
+    fn start(id: &str) -> request::Call {
+        request::Call::Start(api::ContainerRef { id: id.into() })
+    }
+
+    async fn next_request(guest: &mut tokio::net::UnixStream) -> api::Request {
+        match read_frame(guest).await.unwrap().body {
+            Some(frame::Body::Request(r)) => r,
+            other => panic!("expected a request, got {other:?}"),
+        }
+    }
+
+    #[tokio::test]
+    async fn answers_are_matched_by_id_in_any_order() {
+        let (agent, mut guest) = pair();
+        let (a1, a2) = (agent.clone(), agent.clone());
+        let c1 = tokio::spawn(async move { a1.call(start("one"), Duration::from_secs(5)).await });
+        let r1 = next_request(&mut guest).await;
+        let c2 = tokio::spawn(async move { a2.call(start("two"), Duration::from_secs(5)).await });
+        let r2 = next_request(&mut guest).await;
+        write_frame(
+            &mut guest,
+            &Frame::response(r2.id, Ok(response::Result::Pid(2))),
+        )
+        .await
+        .unwrap();
+        write_frame(
+            &mut guest,
+            &Frame::response(r1.id, Err(api::Status::new(api::code::NOT_FOUND, "no one"))),
+        )
+        .await
+        .unwrap();
+        assert!(matches!(c2.await.unwrap(), Ok(response::Result::Pid(2))));
+        assert!(matches!(c1.await.unwrap(), Err(Error::NotFound(m)) if m == "no one"));
+    }
+
+    #[tokio::test]
+    async fn a_hanging_agent_is_a_deadline_with_the_console_and_the_channel_serves_on() {
+        let (agent, mut guest) = pair();
+        agent.describe_with(|| "console: stuck".into());
+        let e = agent
+            .call(start("c"), Duration::from_millis(100))
+            .await
+            .unwrap_err();
+        assert!(
+            matches!(&e, Error::DeadlineExceeded(m) if m.contains("console: stuck")),
+            "{e}"
+        );
+        let late = next_request(&mut guest).await;
+        // A late answer is dropped; the next call is answered.
+        write_frame(
+            &mut guest,
+            &Frame::response(late.id, Ok(response::Result::Pid(1))),
+        )
+        .await
+        .unwrap();
+        let a = agent.clone();
+        let c = tokio::spawn(async move { a.call(start("c"), Duration::from_secs(5)).await });
+        let r = next_request(&mut guest).await;
+        write_frame(
+            &mut guest,
+            &Frame::response(r.id, Ok(response::Result::Pid(7))),
+        )
+        .await
+        .unwrap();
+        assert!(matches!(c.await.unwrap(), Ok(response::Result::Pid(7))));
+    }
+
+    #[tokio::test]
+    async fn garbage_or_a_closed_channel_answers_every_call_and_ends_every_process() {
+        for garbage in [true, false] {
+            let (agent, mut guest) = pair();
+            let (sink, mut events) = mpsc::unbounded_channel();
+            agent.add_container("c", sink);
+            agent.process_started("c", "");
+            agent.process_started("c", "e1");
+            let a = agent.clone();
+            let c = tokio::spawn(async move { a.call(start("c"), Duration::from_secs(30)).await });
+            let _ = next_request(&mut guest).await;
+            if garbage {
+                // A length far over the limit: the stream cannot be trusted.
+                guest.write_all(&u32::MAX.to_be_bytes()).await.unwrap();
+            } else {
+                drop(guest);
+            }
+            let e = c.await.unwrap().unwrap_err();
+            assert!(matches!(&e, Error::Unavailable(_)), "{e}");
+            let mut exits = vec![events.recv().await.unwrap(), events.recv().await.unwrap()];
+            exits.sort_by_key(|e| format!("{e:?}"));
+            assert_eq!(
+                exits,
+                vec![
+                    ContainerEvent::Exit(None, KILLED),
+                    ContainerEvent::Exit(Some("e1".into()), KILLED)
+                ]
+            );
+            // Later calls fail at once.
+            let e = agent
+                .call(start("c"), Duration::from_secs(30))
+                .await
+                .unwrap_err();
+            assert!(matches!(&e, Error::Unavailable(_)), "{e}");
+            assert!(agent.is_dead());
+        }
+    }
+
+    #[tokio::test]
+    async fn output_reaches_its_descriptor_and_an_exit_is_reported_once() {
+        let (agent, mut guest) = pair();
+        let (r, w) = kuasar_host::stdio::pipe().unwrap();
+        agent.add_output(5, w).unwrap();
+        let (sink, mut events) = mpsc::unbounded_channel();
+        agent.add_container("c", sink);
+        agent.process_started("c", "");
+        for f in [
+            Frame::output(5, b"hello ".to_vec(), false),
+            Frame::output(5, b"vm".to_vec(), true),
+            Frame::event(
+                "c".into(),
+                event::Kind::Exit(api::Exit {
+                    exec_id: String::new(),
+                    status: 3,
+                }),
+            ),
+            // A second exit of the same process is not reported again.
+            Frame::event(
+                "c".into(),
+                event::Kind::Exit(api::Exit {
+                    exec_id: String::new(),
+                    status: 4,
+                }),
+            ),
+        ] {
+            guest.write_all(&encode_frame(&f).unwrap()).await.unwrap();
+        }
+        assert_eq!(events.recv().await.unwrap(), ContainerEvent::Exit(None, 3));
+        let mut out = String::new();
+        let mut r = std::fs::File::from(r);
+        std::io::Read::read_to_string(&mut r, &mut out).unwrap();
+        assert_eq!(out, "hello vm");
+        drop(guest);
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        assert!(
+            events.try_recv().is_err(),
+            "an exited process is not reported killed"
+        );
+    }
+}
