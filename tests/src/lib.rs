@@ -252,18 +252,44 @@ pub fn guest_dir() -> Option<PathBuf> {
 /// unless `KUASAR_VMM_ACCEL` says otherwise, with `KUASAR_VMM_KERNEL_PARAMS`
 /// added to the guest's command line.
 pub fn vmm_config() -> String {
+    vmm_config_with(&[])
+}
+
+/// [`vmm_config`] with keys set to the given TOML values.
+pub fn vmm_config_with(overrides: &[(&str, &str)]) -> String {
     let Some(dir) = guest_dir() else {
         return "[vmm]\nenabled = false\n".into();
     };
-    let accel = std::env::var("KUASAR_VMM_ACCEL").unwrap_or_else(|_| "tcg".into());
-    // Debugging a guest: e.g. KUASAR_AGENT_LOG=debug (the kernel passes
-    // unknown parameters to init as environment).
-    let params = std::env::var("KUASAR_VMM_KERNEL_PARAMS").unwrap_or_default();
-    format!(
-        "[vmm]\nkernel = \"{0}/vmlinux\"\ninitrd = \"{0}/initramfs.cpio\"\naccel = \"{accel}\"\n\
-         kernel_params = \"{params}\"\n",
-        dir.display()
-    )
+    let quoted = |v: String| format!("{v:?}");
+    let mut keys: Vec<(String, String)> = vec![
+        (
+            "kernel".into(),
+            quoted(format!("{}/vmlinux", dir.display())),
+        ),
+        (
+            "initrd".into(),
+            quoted(format!("{}/initramfs.cpio", dir.display())),
+        ),
+        (
+            "accel".into(),
+            quoted(std::env::var("KUASAR_VMM_ACCEL").unwrap_or_else(|_| "tcg".into())),
+        ),
+        // Debugging a guest: e.g. KUASAR_AGENT_LOG=debug (the kernel passes
+        // unknown parameters to init as environment).
+        (
+            "kernel_params".into(),
+            quoted(std::env::var("KUASAR_VMM_KERNEL_PARAMS").unwrap_or_default()),
+        ),
+    ];
+    for (k, v) in overrides {
+        keys.retain(|(key, _)| key != k);
+        keys.push((k.to_string(), v.to_string()));
+    }
+    let mut out = String::from("[vmm]\n");
+    for (k, v) in keys {
+        out.push_str(&format!("{k} = {v}\n"));
+    }
+    out
 }
 
 /// Directories of an env that get their own tmpfs.
@@ -308,6 +334,11 @@ pub(crate) fn wait_for(what: &str, timeout: Duration, mut ready: impl FnMut() ->
 impl Env {
     /// containerd of `version` with a kuasar-sandboxer, busybox imported.
     pub fn start(version: Version) -> Env {
+        Env::start_with_vmm(version, &[])
+    }
+
+    /// [`Env::start`] with `[vmm]` keys set to TOML values of the test's.
+    pub fn start_with_vmm(version: Version, vmm: &[(&str, &str)]) -> Env {
         let image = busybox_image();
         let dir = new_dir();
         std::fs::write(dir.join("containerd.toml"), version.config(&dir)).unwrap();
@@ -319,7 +350,7 @@ impl Env {
                 "log_level = \"{log_level}\"\n[runc]\nbinary = \"runc\"\n[wasm]\nenabled = true\nmax_instances = 600\n\
                  [containerd]\naddress = \"{0}/c.sock\"\nttrpc_address = \"{0}/c.sock.ttrpc\"\n{1}",
                 dir.display(),
-                vmm_config(),
+                vmm_config_with(vmm),
             ),
         )
         .unwrap();

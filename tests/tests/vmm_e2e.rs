@@ -20,6 +20,8 @@ kuasar_e2e::both_versions!(
     qemu_killed_mid_run_ends_every_task_with_137_and_leaks_nothing,
     bad_input_gets_clear_errors_and_the_daemon_serves_on,
     the_vm_is_sized_by_annotations_and_limits,
+    a_guest_that_does_not_boot_fails_create_clearly_in_bounded_time,
+    auto_accel_probes_kvm_once_and_runs_the_container,
 );
 
 fn guest_release() -> String {
@@ -275,5 +277,73 @@ fn the_vm_is_sized_by_annotations_and_limits(v: Version) {
         "{o}"
     );
     assert!(qemu_pids(&env).is_empty());
+    env.assert_clean();
+}
+
+fn a_guest_that_does_not_boot_fails_create_clearly_in_bounded_time(v: Version) {
+    // The kernel finds no init: it panics, and qemu ends (-no-reboot).
+    let env = Env::start_with_vmm(v, &[("kernel_params", "\"rdinit=/no/init\"")]);
+    let started = Instant::now();
+    let o = env.run_rm(VMM, "nb1", &["true"]);
+    assert!(!o.ok(), "{o}");
+    let text = format!("{}{}", o.stdout, o.stderr);
+    assert!(text.contains("booting the sandbox VM"), "{o}");
+    assert!(
+        text.contains("console"),
+        "the error carries the console's tail: {o}"
+    );
+    assert!(
+        started.elapsed() < Duration::from_secs(30),
+        "{:?}",
+        started.elapsed()
+    );
+    env.assert_clean();
+    // A guest that hangs: a boot timeout far below what booting takes.
+    let env = Env::start_with_vmm(v, &[("boot_timeout_ms", "300")]);
+    let started = Instant::now();
+    let o = env.run_rm(VMM, "nb2", &["true"]);
+    assert!(!o.ok(), "{o}");
+    assert!(
+        format!("{}{}", o.stdout, o.stderr).contains("did not come up within"),
+        "{o}"
+    );
+    assert!(
+        started.elapsed() < Duration::from_secs(20),
+        "{:?}",
+        started.elapsed()
+    );
+    env.assert_clean();
+}
+
+fn auto_accel_probes_kvm_once_and_runs_the_container(v: Version) {
+    let env = Env::start_with_vmm(v, &[("accel", "\"auto\""), ("probe_timeout_ms", "2000")]);
+    for id in ["a1", "a2"] {
+        let o = env.run_rm(VMM, id, &["uname", "-r"]);
+        assert!(o.ok(), "{o}\n{}", env.log_tails());
+        assert_eq!(o.stdout.trim(), guest_release());
+    }
+    let log = std::fs::read_to_string(env.dir.join("sandboxer.log")).unwrap();
+    let chosen: Vec<&str> = log
+        .lines()
+        .filter(|l| l.contains("sandbox VMs run on"))
+        .collect();
+    assert_eq!(
+        chosen.len(),
+        1,
+        "the accelerator is chosen once: {chosen:?}"
+    );
+    assert!(
+        chosen[0].contains("run on kvm") || chosen[0].contains("run on tcg"),
+        "{chosen:?}"
+    );
+    // The probe's VM left nothing.
+    let probe = env.sandboxer_root().join("vmm");
+    let left: Vec<_> = std::fs::read_dir(&probe)
+        .into_iter()
+        .flatten()
+        .flatten()
+        .map(|e| e.path())
+        .collect();
+    assert!(left.is_empty(), "{left:?}");
     env.assert_clean();
 }
