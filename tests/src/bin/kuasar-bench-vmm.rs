@@ -1,0 +1,240 @@
+//! Benchmark of `io.containerd.kuasarvmm.v1`: a container in a VM of its
+//! own against containerd-shim-runc-v2 on the same throw-away containerd,
+//! in one run. Boot-to-running-container latency (`ctr run -d` returns once
+//! the task runs) serially and N at once; the PSS of the sandboxer and of
+//! each qemu at 1, 5 and 10 idle VMs, beside runc-v2's shims.
+//!
+//! Usage: kuasar-bench-vmm [--containerd 1.6|2.1] [--serial N] [--parallel N] [--idle 1,5,10]
+
+use std::time::{Duration, Instant};
+
+use kuasar_e2e::bench::{ms, percentile, print_table, pss_kb, Row};
+use kuasar_e2e::{processes, run_cmd, Env, Version, RUNC_V2};
+
+const VMM: &str = "io.containerd.kuasarvmm.v1";
+
+struct Opts {
+    version: Version,
+    serial: usize,
+    parallel: usize,
+    idle: Vec<usize>,
+}
+
+fn usage(msg: &str) -> ! {
+    if !msg.is_empty() {
+        eprintln!("kuasar-bench-vmm: {msg}");
+    }
+    eprintln!("usage: kuasar-bench-vmm [--containerd 1.6|2.1] [--serial N] [--parallel N] [--idle 1,5,10]");
+    std::process::exit(2)
+}
+
+fn parse_opts() -> Opts {
+    let mut o = Opts {
+        version: Version::V1_6,
+        serial: 10,
+        parallel: 5,
+        idle: vec![1, 5, 10],
+    };
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let mut it = args.iter();
+    while let Some(a) = it.next() {
+        let mut val = || {
+            it.next()
+                .unwrap_or_else(|| usage(&format!("{a} needs a value")))
+                .clone()
+        };
+        match a.as_str() {
+            "--containerd" => {
+                let v = val();
+                o.version = Version::parse(&v)
+                    .unwrap_or_else(|| usage(&format!("unknown containerd version {v}")))
+            }
+            "--serial" => {
+                o.serial = val()
+                    .parse()
+                    .unwrap_or_else(|_| usage("--serial takes a number"))
+            }
+            "--parallel" => {
+                o.parallel = val()
+                    .parse()
+                    .unwrap_or_else(|_| usage("--parallel takes a number"))
+            }
+            "--idle" => {
+                o.idle = val()
+                    .split(',')
+                    .map(|n| {
+                        n.parse()
+                            .unwrap_or_else(|_| usage("--idle takes numbers like 1,5,10"))
+                    })
+                    .collect()
+            }
+            "-h" | "--help" => usage(""),
+            other => usage(&format!("unknown argument {other}")),
+        }
+    }
+    if o.serial == 0 || o.parallel == 0 || o.idle.is_empty() {
+        usage("counts must be positive");
+    }
+    o
+}
+
+/// `ctr run -d … sleep 600`: returns once the task runs.
+fn start(env: &Env, runtime: &str, id: &str) -> Duration {
+    let t = Instant::now();
+    let o = run_cmd(
+        &mut env.run_command(&["-d"], runtime, id, &["sleep", "600"]),
+        Duration::from_secs(120),
+    );
+    let took = t.elapsed();
+    assert!(o.ok(), "ctr run -d {id}: {o}\n{}", env.log_tails());
+    took
+}
+
+fn remove_all(env: &Env, ids: &[String]) {
+    std::thread::scope(|s| {
+        for id in ids {
+            s.spawn(move || env.remove(id));
+        }
+    });
+}
+
+fn serial(env: &Env, runtime: &str, tag: &str, n: usize) -> Vec<f64> {
+    (0..n)
+        .map(|i| {
+            let id = format!("{tag}-s{i}");
+            let took = start(env, runtime, &id);
+            env.remove(&id);
+            ms(took)
+        })
+        .collect()
+}
+
+/// Wall time of `n` containers started at once.
+fn parallel(env: &Env, runtime: &str, tag: &str, n: usize) -> f64 {
+    let ids: Vec<String> = (0..n).map(|i| format!("{tag}-p{i}")).collect();
+    let t = Instant::now();
+    std::thread::scope(|s| {
+        for id in &ids {
+            s.spawn(move || start(env, runtime, id));
+        }
+    });
+    let wall = ms(t.elapsed());
+    remove_all(env, &ids);
+    wall
+}
+
+fn pids_matching(pred: impl Fn(&str) -> bool) -> Vec<u32> {
+    processes()
+        .into_iter()
+        .filter(|(_, c)| pred(c))
+        .map(|(p, _)| p)
+        .collect()
+}
+
+/// (sandboxer PSS, mean PSS per qemu / per runc-v2 shim) with `n` idle
+/// containers, in kB.
+fn idle_pss(env: &Env, runtime: &str, tag: &str, n: usize) -> (u64, u64) {
+    let ids: Vec<String> = (0..n).map(|i| format!("{tag}-i{n}-{i}")).collect();
+    for id in &ids {
+        start(env, runtime, id);
+    }
+    // Let the guests settle (boot work done, caches warm).
+    std::thread::sleep(Duration::from_secs(5));
+    let marker = env.dir.to_string_lossy().into_owned();
+    let per: Vec<u64> = if runtime == VMM {
+        pids_matching(|c| c.contains("qemu-system") && c.contains(&marker))
+    } else {
+        pids_matching(|c| c.contains("containerd-shim-runc-v2") && c.contains(&marker))
+    }
+    .into_iter()
+    .map(pss_kb)
+    .collect();
+    let sandboxer = env.sandboxer_pid().map(pss_kb).unwrap_or(0);
+    remove_all(env, &ids);
+    let mean = if per.is_empty() {
+        0
+    } else {
+        per.iter().sum::<u64>() / per.len() as u64
+    };
+    (sandboxer, mean)
+}
+
+fn main() {
+    let o = parse_opts();
+    let env = Env::start(o.version);
+    let accel = {
+        // The first VM chooses the accelerator and logs it.
+        start(&env, VMM, "warm");
+        env.remove("warm");
+        let log = std::fs::read_to_string(env.dir.join("sandboxer.log")).unwrap_or_default();
+        if log.contains("run on kvm") {
+            "KVM"
+        } else {
+            "TCG"
+        }
+    };
+    start(&env, RUNC_V2, "warm-runc");
+    env.remove("warm-runc");
+    let mut rows = Vec::new();
+    let (mut rs, mut ks) = (Vec::new(), Vec::new());
+    // Interleaved, so both see the same machine.
+    for i in 0..o.serial {
+        rs.extend(serial(&env, RUNC_V2, &format!("r{i}"), 1));
+        ks.extend(serial(&env, VMM, &format!("k{i}"), 1));
+    }
+    for (what, p) in [("median", 0.5), ("p90", 0.9)] {
+        rows.push(Row {
+            metric: format!("boot to running container, serial {what} of {}", o.serial),
+            runc: percentile(rs.clone(), p),
+            kuasar: percentile(ks.clone(), p),
+            unit: "ms",
+        });
+    }
+    rows.push(Row {
+        metric: format!("{} at once, wall", o.parallel),
+        runc: parallel(&env, RUNC_V2, "r", o.parallel),
+        kuasar: parallel(&env, VMM, "k", o.parallel),
+        unit: "ms",
+    });
+    let mut marginal = Vec::new();
+    for &n in &o.idle {
+        let (r_sb, r_shim) = idle_pss(&env, RUNC_V2, "r", n);
+        let (k_sb, k_qemu) = idle_pss(&env, VMM, "k", n);
+        let _ = r_sb;
+        rows.push(Row {
+            metric: format!("PSS per container's process (runc-v2 shim / qemu), {n} idle"),
+            runc: r_shim as f64 / 1024.0,
+            kuasar: k_qemu as f64 / 1024.0,
+            unit: "MB",
+        });
+        rows.push(Row {
+            metric: format!("management PSS ({n} shims / the sandboxer), {n} idle"),
+            runc: (r_shim * n as u64) as f64 / 1024.0,
+            kuasar: k_sb as f64 / 1024.0,
+            unit: "MB",
+        });
+        marginal.push((n, k_sb));
+    }
+    println!(
+        "\nkuasar-bench-vmm: containerd {}, accelerator {accel}, {} cores, load {}\n",
+        o.version.label(),
+        std::thread::available_parallelism()
+            .map(|n| n.get())
+            .unwrap_or(0),
+        std::fs::read_to_string("/proc/loadavg")
+            .unwrap_or_default()
+            .split_whitespace()
+            .next()
+            .unwrap_or("?"),
+    );
+    print_table("runc-v2", "kuasar-vmm", &rows);
+    if let (Some((n0, p0)), Some((n1, p1))) = (marginal.first(), marginal.last()) {
+        if n1 > n0 {
+            println!(
+                "\nsandboxer marginal PSS per VM ({n0} → {n1} idle VMs): {:.0} KB",
+                (*p1 as f64 - *p0 as f64) / (*n1 - *n0) as f64
+            );
+        }
+    }
+    env.assert_clean();
+}
