@@ -10,9 +10,13 @@ need=()
 # protobuf-compiler: protoc, for the CRI client tonic generates at build time.
 # containernetworking-plugins (/usr/lib/cni) and iptables: the CRI tests'
 # bridge, host-local and portmap networks. docker-registry: the private
-# registry the CRI tests pull from. binutils: readelf checks the pause binary.
+# registry the CRI tests pull from. binutils: readelf checks the pause binary
+# (and objcopy/strip shrink the guest kernel). qemu-system-x86 (7.2) and cpio:
+# the microVM backend's qemu (TCG) and hack/build-guest-image.sh's initramfs;
+# its postinst starts no service. xz-utils: .ko.xz guest modules.
 for p in containerd runc busybox-static python3 bsdutils procps util-linux iproute2 \
-         protobuf-compiler containernetworking-plugins docker-registry iptables binutils; do
+         protobuf-compiler containernetworking-plugins docker-registry iptables binutils \
+         qemu-system-x86 cpio xz-utils; do
   dpkg -s "$p" >/dev/null 2>&1 || need+=("$p")
 done
 if [ ${#need[@]} -gt 0 ]; then
@@ -42,6 +46,7 @@ fi
 "$PREFIX/containerd-2/usr/bin/containerd" --version
 containerd --version
 runc --version | head -1
+qemu-system-x86_64 --version | head -1
 # Third-party WASI programs for the wasm tests.
 bash "$(dirname -- "${BASH_SOURCE[0]}")/fetch-wasi-programs.sh" >/dev/null
 echo "WASI programs: $(ls "$PREFIX/wasi" | tr '\n' ' ')"
