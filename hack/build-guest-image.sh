@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Builds the microVM guest image from Debian packages reachable through apt.
 #
-#   KUASAR_AGENT_BIN=/path/to/static/agent hack/build-guest-image.sh OUTDIR
+#   [KUASAR_AGENT_BIN=/path/to/static/agent] hack/build-guest-image.sh OUTDIR
 #
 # Outputs in OUTDIR:
 #   vmlinux          Debian's generic kernel (the linux-image-*-amd64 package
@@ -39,7 +39,8 @@
 # installed on the host.
 #
 # Environment:
-#   KUASAR_AGENT_BIN        the static agent binary for /init (required)
+#   KUASAR_AGENT_BIN        the static agent binary for /init (default: the
+#                           workspace's kuasar-agent, built here static)
 #   KUASAR_GUEST_TEST_INIT=1  use hack/guest/test-init.sh plus a static
 #                           /bin/busybox as /init instead (measurements only)
 #   KUASAR_GUEST_KERNEL_PKG a linux-image-*-amd64 package to use instead
@@ -69,11 +70,20 @@ if [ "${KUASAR_GUEST_TEST_INIT:-}" = 1 ]; then
   [ -x "$BUSYBOX" ] || die "$BUSYBOX missing: apt-get install busybox-static"
   ldd "$BUSYBOX" >/dev/null 2>&1 && die "$BUSYBOX is dynamically linked; install busybox-static"
 else
-  [ -n "${KUASAR_AGENT_BIN:-}" ] || die "KUASAR_AGENT_BIN is not set: give the path of the static guest agent binary (it becomes /init); KUASAR_GUEST_TEST_INIT=1 builds a busybox test image instead"
-  INIT=$KUASAR_AGENT_BIN
+  INIT=${KUASAR_AGENT_BIN:-}
+  if [ -z "$INIT" ]; then
+    # The workspace's agent, static: with --target the flags reach neither
+    # build scripts nor the rest of target/.
+    host=$(rustc -vV | sed -n 's/^host: //p')
+    (cd "$HERE/.." && RUSTFLAGS="-C target-feature=+crt-static -C strip=symbols" \
+      cargo build --quiet --release -p kuasar-agent --target "$host")
+    INIT=$HERE/../target/$host/release/kuasar-agent
+  fi
   BUSYBOX=
-  [ -f "$INIT" ] || die "KUASAR_AGENT_BIN=$INIT: no such file"
-  if ldd "$INIT" >/dev/null 2>&1; then die "$INIT is dynamically linked; the agent must be static"; fi
+  [ -f "$INIT" ] || die "agent $INIT: no such file"
+  # ldd calls a static-pie binary "statically linked" and succeeds: ask
+  # for the interpreter instead.
+  if readelf -l "$INIT" | grep -q 'program interpreter'; then die "$INIT is dynamically linked; the agent must be static"; fi
 fi
 [ -x "$RUNC" ] || die "$RUNC missing: apt-get install runc"
 for t in apt-get dpkg-deb python3 cpio ldd sha256sum; do

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Installs a release build on this node (as root): the binaries to
-# /usr/local/bin, the systemd unit to /etc/systemd/system and, unless one
+# /usr/local/bin, the microVM guest image to /usr/local/share/kuasar/guest,
+# the systemd unit to /etc/systemd/system and, unless one
 # exists, the example config to /etc/kuasar/sandboxer.toml. It does not start
 # anything and does not change containerd's config: see the printed steps.
 set -euo pipefail
@@ -16,6 +17,10 @@ fi
 for b in "${BINS[@]}"; do
   install -m 0755 "target/release/$b" "/usr/local/bin/$b"
 done
+# The microVM guest image, where [vmm] kernel/initrd point by default.
+bash hack/build-guest-image.sh target/kuasar-guest >/dev/null
+install -D -m 0644 target/kuasar-guest/vmlinux /usr/local/share/kuasar/guest/vmlinux
+install -D -m 0644 target/kuasar-guest/initramfs.cpio /usr/local/share/kuasar/guest/initramfs.cpio
 install -D -m 0644 hack/systemd/kuasar-sandboxer.service /etc/systemd/system/kuasar-sandboxer.service
 if [ -e /etc/kuasar/sandboxer.toml ]; then
   echo "kept the existing /etc/kuasar/sandboxer.toml (example: hack/config/sandboxer.toml)"
@@ -23,7 +28,8 @@ else
   install -D -m 0644 hack/config/sandboxer.toml /etc/kuasar/sandboxer.toml
 fi
 cat <<EOT
-installed ${BINS[*]} to /usr/local/bin.
+installed ${BINS[*]} to /usr/local/bin
+and the microVM guest image to /usr/local/share/kuasar/guest.
 next:
   systemctl daemon-reload && systemctl enable --now kuasar-sandboxer
   add the runtime to /etc/containerd/config.toml (hack/config/containerd-1.6.toml

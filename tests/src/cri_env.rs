@@ -636,6 +636,7 @@ state = "{d}/state"
       runtime_type = "io.containerd.kuasarwasm.v1"
     [plugins."io.containerd.grpc.v1.cri".containerd.runtimes.{KUASAR_VMM}]
       runtime_type = "io.containerd.kuasarvmm.v1"
+      pod_annotations = ["io.kuasar.vmm.*"]
   [plugins."io.containerd.grpc.v1.cri".registry]
     config_path = "{d}/certs.d"
 "#

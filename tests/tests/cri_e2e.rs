@@ -818,6 +818,7 @@ fn hack_config_snippets_parse_in_their_containerd_with_both_handlers() {
         for (handler, ty) in [
             ("kuasar-runc", "io.containerd.kuasarrunc.v1"),
             ("kuasar-wasm", "io.containerd.kuasarwasm.v1"),
+            ("kuasar-vmm", "io.containerd.kuasarvmm.v1"),
         ] {
             assert!(
                 o.stdout.contains(&format!("runtimes.{handler}]")),
@@ -830,7 +831,7 @@ fn hack_config_snippets_parse_in_their_containerd_with_both_handlers() {
         }
         let class =
             |h: &str| std::fs::read_to_string(dir.join(format!("runtimeclass-{h}.yaml"))).unwrap();
-        for h in ["kuasar-runc", "kuasar-wasm"] {
+        for h in ["kuasar-runc", "kuasar-wasm", "kuasar-vmm"] {
             let y = class(h);
             assert!(y.contains("kind: RuntimeClass") && y.contains(&format!("handler: {h}\n")));
         }
