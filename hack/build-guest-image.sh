@@ -20,7 +20,8 @@
 #                      /lib/modules/N.ko    only the modules the guest loads,
 #                                           decompressed (finit_module-ready)
 #                      /etc/modules.order   their file names, in load order
-#                      /usr/sbin/runc       the host's runc + the libraries
+#                      /usr/bin/crun        the guest's OCI runtime (the host's
+#                                           crun, or KUASAR_GUEST_RUNTIME) + the libraries
 #                                           ldd names, at the same paths
 #                      /proc /sys /dev /tmp /run /mnt /etc, /dev/console
 #                    No busybox: the agent is PID 1, loads the modules itself
@@ -46,7 +47,11 @@
 #   KUASAR_GUEST_KERNEL_PKG a linux-image-*-amd64 package to use instead
 #   KUASAR_GUEST_MODULES    space-separated module names (dependencies are
 #                           added); default below
-#   KUASAR_RUNC_BIN         default /usr/sbin/runc
+#   KUASAR_GUEST_RUNTIME    the OCI runtime for the guest, installed at the
+#                           same path: /usr/bin/crun (default) or
+#                           /usr/sbin/runc. Both take runc's command line;
+#                           under TCG crun creates a container in ~0.6 s
+#                           where runc's Go runtime takes ~3.5 s.
 #
 # Needs: apt-get, dpkg-deb, python3, cpio, ldd, sha256sum.
 set -euo pipefail
@@ -61,7 +66,7 @@ die() { echo "build-guest-image: $*" >&2; exit 1; }
 
 # virtio_balloon: free-page reporting gives freed guest RAM back to the host.
 MODULES=${KUASAR_GUEST_MODULES:-virtio_ring virtio virtio_mmio virtio_console virtio_balloon 9pnet netfs fscache 9p 9pnet_virtio overlay}
-RUNC=${KUASAR_RUNC_BIN:-/usr/sbin/runc}
+RUNC=${KUASAR_GUEST_RUNTIME:-/usr/bin/crun}
 CMDLINE='console=ttyS0 quiet loglevel=0 panic=-1 tsc=reliable no_timer_check rcupdate.rcu_expedited=1 i8042.noaux i8042.nomux i8042.nopnp i8042.dumbkbd noreplace-smp cryptomgr.notests random.trust_cpu=on'
 
 if [ "${KUASAR_GUEST_TEST_INIT:-}" = 1 ]; then
@@ -85,7 +90,7 @@ else
   # for the interpreter instead.
   if readelf -l "$INIT" | grep -q 'program interpreter'; then die "$INIT is dynamically linked; the agent must be static"; fi
 fi
-[ -x "$RUNC" ] || die "$RUNC missing: apt-get install runc"
+[ -x "$RUNC" ] || die "$RUNC missing: apt-get install $(basename "$RUNC")"
 for t in apt-get dpkg-deb python3 cpio ldd sha256sum; do
   command -v "$t" >/dev/null || die "$t missing"
 done
@@ -291,7 +296,7 @@ fi
 cp "$KC"/modules/*.ko "$R/lib/modules/"
 chmod 0644 "$R"/lib/modules/*.ko
 cp "$KC/modules.order" "$R/etc/modules.order"
-install -m 0755 "$RUNC" "$R/usr/sbin/runc"
+install -D -m 0755 "$RUNC" "$R$RUNC"
 for l in $runc_libs; do
   mkdir -p "$R/$(dirname "$l")"
   cp -L "$l" "$R/$l"
@@ -304,4 +309,4 @@ cp "$KC/kernel.release" "$WORK/kernel.release"
 echo "$CMDLINE" > "$WORK/cmdline"
 for f in vmlinux initramfs.cpio kernel.release cmdline; do mv -f "$WORK/$f" "$OUT/$f"; done
 mv -f "$OUT/.stamp.new" "$OUT/.stamp"
-say "built $OUT: vmlinux $(( $(stat -c %s "$OUT/vmlinux") / 1000000 )) MB, initramfs.cpio $(( $(stat -c %s "$OUT/initramfs.cpio") / 1000000 )) MB ($(wc -l < "$KC/modules.order") modules, runc + $(echo "$runc_libs" | wc -w) libraries, /init=$INIT), kernel $KREL [$(( ($(date +%s%N) - T0) / 1000000 )) ms]"
+say "built $OUT: vmlinux $(( $(stat -c %s "$OUT/vmlinux") / 1000000 )) MB, initramfs.cpio $(( $(stat -c %s "$OUT/initramfs.cpio") / 1000000 )) MB ($(wc -l < "$KC/modules.order") modules, $(basename "$RUNC") + $(echo "$runc_libs" | wc -w) libraries, /init=$INIT), kernel $KREL [$(( ($(date +%s%N) - T0) / 1000000 )) ms]"

@@ -16,7 +16,7 @@ need=()
 # its postinst starts no service. xz-utils: .ko.xz guest modules.
 for p in containerd runc busybox-static python3 bsdutils procps util-linux iproute2 \
          protobuf-compiler containernetworking-plugins docker-registry iptables binutils \
-         qemu-system-x86 cpio xz-utils; do
+         qemu-system-x86 cpio xz-utils crun; do
   dpkg -s "$p" >/dev/null 2>&1 || need+=("$p")
 done
 if [ ${#need[@]} -gt 0 ]; then

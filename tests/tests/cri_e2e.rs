@@ -1060,7 +1060,10 @@ fn vmm_pod_runs_its_containers_in_one_vm(v: Version, mode: SandboxMode) {
     let st = cri.container_status(&cid).unwrap();
     assert_eq!(st.state, ContainerState::ContainerExited as i32, "{st:?}");
     stop_and_remove_pod(&env, &pod_id);
-    assert_eq!(qemu_count(&env), 0, "the VM outlived its pod");
+    // The VM powers off as the pod's last task is deleted.
+    wait_until("the VM to power off", Duration::from_secs(10), || {
+        (qemu_count(&env) == 0).then_some(())
+    });
     env.assert_clean();
     if mode == SandboxMode::Proxy {
         assert_eq!(

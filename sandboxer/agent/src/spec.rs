@@ -13,7 +13,24 @@ use serde_json::Value;
 /// kept. Anything else named by a path the guest does not have is an error.
 pub fn adapt(spec: &mut Value) -> Result<(), String> {
     let exists = |p: &str| std::path::Path::new(p).exists();
+    clamp_version(spec);
     adapt_with(spec, &exists)
+}
+
+/// The newest runtime-spec version the guest's runtime accepts. Newer 1.x
+/// specs (containerd 2.1 writes 1.2.x) only add fields older runtimes
+/// ignore; crun refuses the version string itself.
+const NEWEST_SPEC: (u64, u64) = (1, 1);
+
+fn clamp_version(spec: &mut Value) {
+    let Some(v) = spec["ociVersion"].as_str() else {
+        return;
+    };
+    let mut parts = v.split('.').map(|p| p.parse::<u64>().unwrap_or(0));
+    let (major, minor) = (parts.next().unwrap_or(0), parts.next().unwrap_or(0));
+    if major == NEWEST_SPEC.0 && minor > NEWEST_SPEC.1 {
+        spec["ociVersion"] = format!("{}.{}.0", NEWEST_SPEC.0, NEWEST_SPEC.1).into();
+    }
 }
 
 fn adapt_with(spec: &mut Value, exists: &dyn Fn(&str) -> bool) -> Result<(), String> {
@@ -107,6 +124,20 @@ mod tests {
         adapt_with(&mut spec, &|_| false).unwrap();
         assert!(types(&spec).is_empty());
         assert!(spec.get("hostname").is_none());
+    }
+
+    #[test]
+    fn newer_1x_spec_versions_are_clamped_and_others_kept() {
+        for (given, want) in [
+            ("1.2.1", "1.1.0"),
+            ("1.1.0", "1.1.0"),
+            ("1.0.2-dev", "1.0.2-dev"),
+            ("2.0.0", "2.0.0"),
+        ] {
+            let mut spec = json!({ "ociVersion": given });
+            clamp_version(&mut spec);
+            assert_eq!(spec["ociVersion"], want, "{given}");
+        }
     }
 
     #[test]

@@ -1,6 +1,7 @@
 //! Container metrics in the cgroup metrics types containerd's CRI expects
 //! (any other type breaks its stats listing for the whole node): from
-//! `runc events --stats`, or what a backend counts itself.
+//! `runc events --stats`, a cgroup v2 directory, or what a backend counts
+//! itself.
 
 use std::collections::HashMap;
 
@@ -119,6 +120,68 @@ impl Stats {
         s.pids.current = 1;
         s
     }
+}
+
+/// Reads the cgroup v2 files of the cgroup `pid` is in (for an OCI
+/// runtime without `events --stats`, such as crun).
+pub fn read_cgroup_v2(pid: u32) -> Result<Stats> {
+    let membership = std::fs::read_to_string(format!("/proc/{pid}/cgroup"))
+        .map_err(|e| Error::NotFound(format!("process {pid}: {e}")))?;
+    let path = membership
+        .lines()
+        .find_map(|l| l.strip_prefix("0::"))
+        .ok_or_else(|| Error::Internal(format!("process {pid} is in no cgroup v2")))?;
+    read_cgroup_v2_dir(&std::path::Path::new("/sys/fs/cgroup").join(path.trim_start_matches('/')))
+}
+
+/// Reads the cgroup v2 files of `dir`.
+pub fn read_cgroup_v2_dir(dir: &std::path::Path) -> Result<Stats> {
+    let read = |f: &str| std::fs::read_to_string(dir.join(f)).unwrap_or_default();
+    let keyed = |f: &str| -> HashMap<String, u64> {
+        read(f)
+            .lines()
+            .filter_map(|l| {
+                let (k, v) = l.split_once(' ')?;
+                Some((k.to_string(), v.trim().parse().ok()?))
+            })
+            .collect()
+    };
+    let single = |f: &str| -> u64 {
+        match read(f).trim() {
+            "max" => u64::MAX,
+            v => v.parse().unwrap_or(0),
+        }
+    };
+    if !dir.is_dir() {
+        return Err(Error::NotFound(format!("cgroup {} is gone", dir.display())));
+    }
+    let mut s = Stats::default();
+    let cpu = keyed("cpu.stat");
+    let usec = |k: &str| cpu.get(k).copied().unwrap_or(0) * 1000;
+    s.cpu.usage.total = usec("usage_usec");
+    s.cpu.usage.user = usec("user_usec");
+    s.cpu.usage.kernel = usec("system_usec");
+    s.cpu.throttling.periods = cpu.get("nr_periods").copied().unwrap_or(0);
+    s.cpu.throttling.throttled_periods = cpu.get("nr_throttled").copied().unwrap_or(0);
+    s.cpu.throttling.throttled_time = usec("throttled_usec");
+    s.memory.usage = MemEntry {
+        limit: single("memory.max"),
+        usage: single("memory.current"),
+        max: single("memory.peak"),
+        failcnt: keyed("memory.events").get("oom").copied().unwrap_or(0),
+    };
+    s.memory.swap_usage = MemEntry {
+        limit: single("memory.swap.max"),
+        usage: single("memory.swap.current"),
+        ..Default::default()
+    };
+    s.memory.raw = keyed("memory.stat");
+    s.pids.current = single("pids.current");
+    s.pids.limit = match single("pids.max") {
+        u64::MAX => 0,
+        n => n,
+    };
+    Ok(s)
 }
 
 /// Parses `runc events --stats` output.
@@ -276,6 +339,43 @@ pub fn to_any_for_host(s: &Stats) -> Any {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn cgroup_v2_files_become_metrics() {
+        let dir = tempfile::tempdir().unwrap();
+        for (f, v) in [
+            ("cpu.stat", "usage_usec 1500\nuser_usec 1000\nsystem_usec 500\nnr_periods 4\nnr_throttled 1\nthrottled_usec 7\n"),
+            ("memory.current", "4096\n"),
+            ("memory.max", "max\n"),
+            ("memory.peak", "8192\n"),
+            ("memory.events", "low 0\nhigh 0\nmax 2\noom 1\noom_kill 1\n"),
+            ("memory.stat", "anon 1024\nfile 2048\n"),
+            ("pids.current", "3\n"),
+            ("pids.max", "max\n"),
+        ] {
+            std::fs::write(dir.path().join(f), v).unwrap();
+        }
+        let s = read_cgroup_v2_dir(dir.path()).unwrap();
+        assert_eq!(
+            (s.cpu.usage.total, s.cpu.usage.user, s.cpu.usage.kernel),
+            (1_500_000, 1_000_000, 500_000)
+        );
+        assert_eq!(s.cpu.throttling.throttled_time, 7000);
+        assert_eq!(
+            (
+                s.memory.usage.usage,
+                s.memory.usage.limit,
+                s.memory.usage.max
+            ),
+            (4096, u64::MAX, 8192)
+        );
+        assert_eq!(s.memory.usage.failcnt, 1);
+        assert_eq!(s.memory.raw.get("file"), Some(&2048));
+        assert_eq!((s.pids.current, s.pids.limit), (3, 0));
+        let m = to_v2(&s);
+        assert_eq!(m.memory.usage, 4096);
+        assert!(read_cgroup_v2_dir(&dir.path().join("gone")).is_err());
+    }
 
     const SAMPLE: &str = r#"{"type":"stats","id":"c1","data":{"cpu":{"usage":{"percpu":[10,20],"total":30,"kernel":5,"user":25},"throttling":{}},"memory":{"usage":{"limit":1048576,"usage":4096,"max":8192,"failcnt":0},"swap_usage":{"limit":0,"usage":0},"kernel_usage":{"usage":1},"cache":12,"raw":{"rss":100,"total_rss":200,"pgfault":7}},"pids":{"current":3,"limit":100},"blkio":{"ioServiceBytesRecursive":[{"major":8,"minor":0,"op":"Read","value":9}]},"hugetlb":{}}}"#;
 
