@@ -98,7 +98,7 @@ fn stage_one() -> Result<()> {
     );
     std::env::set_var(STAGE_ENV, "2");
     let init = CString::new("/init").unwrap_or_default();
-    let err = nix::unistd::execv(&init, &[init.clone()]).unwrap_err();
+    let err = nix::unistd::execv(&init, std::slice::from_ref(&init)).unwrap_err();
     Err(format!("re-executing /init: {err}"))
 }
 

@@ -233,7 +233,7 @@ async fn launch(
         io.io.copy_stdin(&paths.stdin, w)?;
         stdin_from = Some(r);
     }
-    let answered = agent.call(make(streams.clone()), LAUNCH).await;
+    let answered = agent.call(make(streams), LAUNCH).await;
     let pid = match answered {
         Ok(response::Result::Pid(pid)) => pid,
         other => {

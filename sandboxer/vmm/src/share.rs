@@ -135,9 +135,10 @@ fn bind(source: &Path, target: &Path) -> Result<()> {
         source.display()
     )))
     .map_err(|e| match e {
-        Error::Sys { what, source } if source == nix::errno::Errno::ENOENT => {
-            Error::InvalidArgument(format!("{what}: it does not exist"))
-        }
+        Error::Sys {
+            what,
+            source: nix::errno::Errno::ENOENT,
+        } => Error::InvalidArgument(format!("{what}: it does not exist")),
         e => e,
     })
 }
