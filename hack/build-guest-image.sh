@@ -31,6 +31,9 @@
 #                    append tsc_early_khz=<host cpu MHz * 1000> at run time
 #                    (see hack/guest/README.md)
 #
+# hack/guest/README.md has the tested qemu command line, what the agent must
+# do at start-up, and the boot-time and memory measurements.
+#
 # Cached: OUTDIR/.stamp records the inputs (kernel package and version, runc
 # and its libraries, the agent, this script, the module list); when they
 # are unchanged the script exits at once. The extracted kernel and modules

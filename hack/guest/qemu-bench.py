@@ -7,8 +7,12 @@ The agent channel is a virtio-serial port named `agent` whose chardev is
 socket.socketpair() that qemu inherits (pass_fds); the other end stays here.
 
   qemu-bench.py IMAGE [--runs 5] [--vms 1] [--mem 128] [--tb-size N]
-                [--memfd] [--balloon] [--vmlinux FILE] [--idle 5]
-                [--check] [--label TEXT]
+                [--memfd] [--balloon] [--max-ports N] [--cpu MODEL]
+                [--vmlinux FILE] [--append ARGS] [--idle 5]
+                [--check] [--show-argv] [--label TEXT]
+
+The recommended line (hack/guest/README.md) is
+  --tb-size 16 --memfd --balloon --max-ports 2
 
 --check also runs the functional checks (echo both ways, a bind mount made
 on the host inside the shared folder after qemu started is visible in the
@@ -40,7 +44,7 @@ def qemu_argv(a, image, fd, share, console):
              '-serial', 'file:' + console,
              '-fsdev', 'local,id=share,path=%s,security_model=none,multidevs=remap' % share,
              '-device', 'virtio-9p-device,fsdev=share,mount_tag=share',
-             '-device', 'virtio-serial-device',
+             '-device', 'virtio-serial-device' + (',max_ports=%d' % a.max_ports if a.max_ports else ''),
              '-chardev', 'socket,id=agent,fd=%d' % fd,
              '-device', 'virtserialport,chardev=agent,name=agent']
     if a.balloon:
@@ -62,6 +66,7 @@ class VM:
                                   stderr=open(os.path.join(self.dir, 'stderr'), 'w'))
         guest.close()
         self.buf = b''
+        self.cleanup_dirs = []
         self.first_byte = None
         self.ready = None
 
@@ -121,7 +126,7 @@ class VM:
         r['top'] = maps[:4]
         return r
 
-    def stop(self):
+    def stop(self, keep=False):
         if self.p.poll() is None:
             try:
                 self.send('POWEROFF')
@@ -133,8 +138,11 @@ class VM:
             self.p.wait()
         self.host.close()
         for d in os.listdir(self.share):
-            if os.path.ismount(os.path.join(self.share, d)):
-                subprocess.run(['umount', os.path.join(self.share, d)])
+            p = os.path.join(self.share, d)
+            if subprocess.run(['mountpoint', '-q', p]).returncode == 0:
+                subprocess.run(['umount', p], check=True)
+        if not keep:
+            subprocess.run(['rm', '-rf', self.dir] + self.cleanup_dirs)
 
 def check(vm):
     vm.send('ping 123')
@@ -143,14 +151,16 @@ def check(vm):
     assert rc == 0 and out == ['hello from host'], out
     assert open(os.path.join(vm.share, 'guest.txt')).read() == 'from-guest\n'
     # a bind mount made on the host inside the shared folder after qemu started
-    src = os.path.join(vm.dir, 'bindsrc')
-    os.mkdir(src)
+    # (from another filesystem when possible: multidevs=remap keeps inode
+    # numbers unique across host devices)
+    src = tempfile.mkdtemp(prefix='qb-bind-', dir='/dev/shm' if os.path.isdir('/dev/shm') else vm.dir)
+    vm.cleanup_dirs.append(src)
     open(os.path.join(src, 'inbind.txt'), 'w').write('via bind mount\n')
     dst = os.path.join(vm.share, 'bound')
     os.mkdir(dst)
     subprocess.run(['mount', '--bind', src, dst], check=True)
     rc, out = vm.run('cat /mnt/bound/inbind.txt; stat -c "%d:%i %n" /mnt/hostfile.txt /mnt/bound/inbind.txt /mnt/bound')
-    print('  bind mount in guest:', rc, out)
+    print('  bind mount in guest (host st_dev %d vs share %d):' % (os.stat(src).st_dev, os.stat(vm.share).st_dev), rc, out)
     assert rc == 0 and out[0] == 'via bind mount', out
     rc, out = vm.run('/usr/sbin/runc --version | head -1; uname -r; free -k | head -2; '
                      'cat /sys/bus/virtio/devices/*/features >/dev/null; ls /sys/bus/virtio/drivers')
@@ -167,7 +177,8 @@ def main():
     ap.add_argument('--memfd', action='store_true')
     ap.add_argument('--balloon', action='store_true')
     ap.add_argument('--vmlinux')
-    ap.add_argument('--cpu', default='max')
+    ap.add_argument('--cpu', default='qemu64,+rdrand')
+    ap.add_argument('--max-ports', type=int, default=0)
     ap.add_argument('--append', default='')
     ap.add_argument('--idle', type=float, default=5)
     ap.add_argument('--check', action='store_true')
@@ -191,14 +202,18 @@ def main():
                     v.wait_ready()
                 except Exception as e:
                     print('  FAILED:', e, open(v.console).read()[-2000:])
+                    v.stop(keep=True)
                     raise
             for v in vms:
                 boots.append(v.first_byte * 1000)
             if a.check and run == 0:
                 check(vms[0])
+            ticks = lambda v: sum(int(x) for x in open('/proc/%d/stat' % v.p.pid).read().rsplit(')', 1)[1].split()[11:13])
+            t_idle, c0 = time.monotonic(), [ticks(v) for v in vms]
             time.sleep(a.idle)
-            for v in vms:
+            for v, c in zip(vms, c0):
                 m = v.mem()
+                m['cpu'] = (ticks(v) - c) / os.sysconf('SC_CLK_TCK') / (time.monotonic() - t_idle) * 100
                 rows.append(m)
                 pss.append(m['Pss'])
             if run == 0:
@@ -211,8 +226,8 @@ def main():
     finally:
         cleanup()
     med = lambda k: statistics.median(r[k] for r in rows) / 1024
-    print('RESULT %-40s vms=%d runs=%d boot_ms median %d (min %d max %d) | PSS %.1f MB (anon %.1f file %.1f shmem %.1f) | RSS %.1f (anon %.1f file %.1f shmem %.1f)' % (
-        a.label, a.vms, a.runs, statistics.median(boots), min(boots), max(boots),
+    print('RESULT %-40s vms=%d runs=%d boot_ms median %d (min %d max %d) | idle cpu %.1f%% | PSS %.1f MB (anon %.1f file %.1f shmem %.1f) | RSS %.1f (anon %.1f file %.1f shmem %.1f)' % (
+        a.label, a.vms, a.runs, statistics.median(boots), min(boots), max(boots), med('cpu') * 1024,
         med('Pss'), med('Pss_Anon'), med('Pss_File'), med('Pss_Shmem'),
         med('VmRSS'), med('RssAnon'), med('RssFile'), med('RssShmem')))
 
