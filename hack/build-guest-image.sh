@@ -27,7 +27,8 @@
 #                    No busybox: the agent is PID 1, loads the modules itself
 #                    and switch_roots into a tmpfs.
 #   kernel.release   the guest kernel's `uname -r`
-#   cmdline          the kernel command line to boot with; the launcher must
+#   cmdline          the kernel command line to boot with (the sandboxer
+#                    reads it beside vmlinux); the launcher must
 #                    append tsc_early_khz=<host cpu MHz * 1000> at run time
 #                    (see hack/guest/README.md)
 #

@@ -21,6 +21,7 @@ done
 bash hack/build-guest-image.sh target/kuasar-guest >/dev/null
 install -D -m 0644 target/kuasar-guest/vmlinux /usr/local/share/kuasar/guest/vmlinux
 install -D -m 0644 target/kuasar-guest/initramfs.cpio /usr/local/share/kuasar/guest/initramfs.cpio
+install -D -m 0644 target/kuasar-guest/cmdline /usr/local/share/kuasar/guest/cmdline
 install -D -m 0644 hack/systemd/kuasar-sandboxer.service /etc/systemd/system/kuasar-sandboxer.service
 if [ -e /etc/kuasar/sandboxer.toml ]; then
   echo "kept the existing /etc/kuasar/sandboxer.toml (example: hack/config/sandboxer.toml)"

@@ -130,7 +130,7 @@ impl Default for VmmConfig {
             kernel_params: String::new(),
             accel: "auto".into(),
             probe_timeout_ms: 3000,
-            tcg_cache_mib: 32,
+            tcg_cache_mib: 16,
             vcpus: 1,
             memory_mib: 128,
             max_vcpus: 8,

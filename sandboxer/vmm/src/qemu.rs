@@ -54,13 +54,13 @@ fn tsc_khz() -> Option<u64> {
     Some((mhz * 1000.0) as u64)
 }
 
-/// The guest kernel's command line.
+/// The guest kernel's command line: the one the image was built with (the
+/// `cmdline` file beside the kernel), the host's TSC frequency, and the
+/// config's additions.
 pub fn kernel_cmdline(config: &VmmConfig) -> String {
-    let mut line = String::from(
-        "console=ttyS0 quiet loglevel=3 panic=-1 reboot=t tsc=reliable no_timer_check \
-         rcupdate.rcu_expedited=1 i8042.noaux i8042.nomux i8042.nopnp i8042.dumbkbd \
-         noreplace-smp cryptomgr.notests random.trust_cpu=on transparent_hugepage=never",
-    );
+    let mut line = std::fs::read_to_string(config.kernel.with_file_name("cmdline"))
+        .map(|l| l.trim().to_string())
+        .unwrap_or_else(|_| "console=ttyS0 panic=-1".into());
     if let Some(khz) = tsc_khz() {
         line.push_str(&format!(" tsc_early_khz={khz}"));
     }
@@ -78,8 +78,10 @@ pub fn args(spec: &VmSpec) -> Vec<String> {
         Accel::Tcg => format!("tcg,tb-size={}", c.tcg_cache_mib.max(1)),
         Accel::Kvm => "kvm".into(),
     };
+    // Under TCG a plain model boots ~0.3 s faster than `max`; rdrand keeps
+    // the guest's random pool from starting empty (getrandom would block).
     let cpu = match spec.accel {
-        Accel::Tcg => "max",
+        Accel::Tcg => "qemu64,+rdrand",
         Accel::Kvm => "host",
     };
     let share = spec.shared_dir.display().to_string().replace(',', ",,");
@@ -122,6 +124,9 @@ pub fn args(spec: &VmSpec) -> Vec<String> {
         &format!("socket,id=agent,fd={CHANNEL_FD}"),
         "-device",
         "virtserialport,chardev=agent,name=agent",
+        // Guest RAM the guest frees goes back to the host.
+        "-device",
+        "virtio-balloon-device,free-page-reporting=on",
     ]
     .iter()
     .map(|s| s.to_string())
@@ -202,7 +207,8 @@ mod tests {
             console: Path::new("/run/k/console.log"),
         };
         let a = args(&spec).join(" ");
-        assert!(a.contains("-accel tcg,tb-size=32"), "{a}");
+        assert!(a.contains("-accel tcg,tb-size=16"), "{a}");
+        assert!(a.contains("-cpu qemu64,+rdrand"), "{a}");
         assert!(a.contains("path=/run/k/a,,b,"), "{a}");
         assert!(a.contains("socket,id=agent,fd=3"), "{a}");
         assert!(a.contains("-smp 2") && a.contains("-m 96M"), "{a}");
