@@ -22,6 +22,7 @@ kuasar_e2e::both_versions!(
     the_vm_is_sized_by_annotations_and_limits,
     a_guest_that_does_not_boot_fails_create_clearly_in_bounded_time,
     auto_accel_probes_kvm_once_and_runs_the_container,
+    a_live_upgrade_keeps_running_vms_their_output_and_exits,
 );
 
 fn guest_release() -> String {
@@ -279,7 +280,11 @@ fn the_vm_is_sized_by_annotations_and_limits(v: Version) {
     // No VM was started for it (the others power off after their delete).
     let deadline = Instant::now() + Duration::from_secs(10);
     while !qemu_pids(&env).is_empty() {
-        assert!(Instant::now() < deadline, "a VM stayed: {:?}", qemu_pids(&env));
+        assert!(
+            Instant::now() < deadline,
+            "a VM stayed: {:?}",
+            qemu_pids(&env)
+        );
         std::thread::sleep(Duration::from_millis(50));
     }
     env.assert_clean();
@@ -350,5 +355,58 @@ fn auto_accel_probes_kvm_once_and_runs_the_container(v: Version) {
         .map(|e| e.path())
         .collect();
     assert!(left.is_empty(), "{left:?}");
+    env.assert_clean();
+}
+
+fn a_live_upgrade_keeps_running_vms_their_output_and_exits(v: Version) {
+    let mut env = Env::start(v);
+    env.run_detached(VMM, "lu1", &["sleep", "600"]);
+    env.wait_status("lu1", "RUNNING");
+    // A foreground container counting while the daemon re-executes: every
+    // line and the exit code reach ctr.
+    let mut fg = env.run_command(
+        &["--rm"],
+        VMM,
+        "lu2",
+        &[
+            "sh",
+            "-c",
+            "sleep 2; for i in 1 2 3 4 5 6 7 8 9 10; do echo line-$i; sleep 0.3; done; exit 3",
+        ],
+    );
+    let counting = std::thread::spawn(move || run_cmd(&mut fg, Duration::from_secs(120)));
+    env.wait_status("lu2", "RUNNING");
+    let vms = {
+        let mut p = qemu_pids(&env);
+        p.sort();
+        p
+    };
+    assert_eq!(vms.len(), 2, "{vms:?}");
+    std::thread::sleep(Duration::from_secs(3));
+    env.upgrade_sandboxer();
+    let o = counting.join().unwrap();
+    assert_eq!(o.status, Some(3), "{o}\n{}", env.log_tails());
+    let lines: Vec<&str> = o.stdout.lines().collect();
+    let want: Vec<String> = (1..=10).map(|i| format!("line-{i}")).collect();
+    assert_eq!(lines, want, "{o}");
+    // The running VM is the same qemu and still serves calls.
+    assert!(qemu_pids(&env).contains(&vms[0]) || qemu_pids(&env).contains(&vms[1]));
+    let o = env.ctr(&[
+        "task",
+        "exec",
+        "--exec-id",
+        "after",
+        "lu1",
+        "sh",
+        "-c",
+        "echo after-upgrade; exit 5",
+    ]);
+    assert_eq!(o.status, Some(5), "{o}\n{}", env.log_tails());
+    assert_eq!(o.stdout.trim(), "after-upgrade");
+    // A second upgrade, then its exit reaches containerd.
+    env.upgrade_sandboxer();
+    env.ctr_ok(&["task", "kill", "-s", "KILL", "lu1"]);
+    env.wait_status("lu1", "STOPPED");
+    env.remove("lu1");
     env.assert_clean();
 }

@@ -210,7 +210,10 @@ fn stage_two() -> Result<OwnedFd> {
     // Freed guest pages go back to the host in 128 KiB blocks: at the
     // driver's default order (set when it loads, whatever the command line
     // said) almost nothing is reported.
-    let _ = fs::write("/sys/module/page_reporting/parameters/page_reporting_order", "5");
+    let _ = fs::write(
+        "/sys/module/page_reporting/parameters/page_reporting_order",
+        "5",
+    );
     // Containers get every controller the guest kernel has.
     if let Ok(controllers) = fs::read_to_string("/sys/fs/cgroup/cgroup.controllers") {
         let enable: Vec<String> = controllers

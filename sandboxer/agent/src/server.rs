@@ -31,6 +31,10 @@ const OUTPUT_DRAIN: Duration = Duration::from_secs(2);
 
 enum Out {
     Frame(Frame),
+    /// Written, then nothing more until `Release`.
+    Hold(Frame),
+    /// Written, then what was held.
+    Release(Frame),
     /// Answered once every frame queued before it was written.
     Flush(oneshot::Sender<()>),
 }
@@ -72,16 +76,36 @@ pub async fn serve(port: OwnedFd) -> Result<(), String> {
     let mut writer = FdStream::new(port).map_err(|e| format!("watching the port: {e}"))?;
     let (tx, mut rx) = mpsc::unbounded_channel::<Out>();
     tokio::spawn(async move {
+        let mut held: Option<Vec<Frame>> = None;
         while let Some(out) = rx.recv().await {
-            match out {
-                Out::Frame(f) => {
-                    if let Err(e) = write_frame(&mut writer, &f).await {
-                        tracing::error!("writing to the host: {e}");
+            let (frame, then) = match out {
+                Out::Frame(f) => match held.as_mut() {
+                    Some(h) => {
+                        h.push(f);
+                        continue;
                     }
-                }
+                    None => (f, None),
+                },
+                Out::Hold(f) => (f, Some(true)),
+                Out::Release(f) => (f, Some(false)),
                 Out::Flush(done) => {
                     let _ = done.send(());
+                    continue;
                 }
+            };
+            if let Err(e) = write_frame(&mut writer, &frame).await {
+                tracing::error!("writing to the host: {e}");
+            }
+            match then {
+                Some(true) => held = Some(held.take().unwrap_or_default()),
+                Some(false) => {
+                    for f in held.take().unwrap_or_default() {
+                        if let Err(e) = write_frame(&mut writer, &f).await {
+                            tracing::error!("writing to the host: {e}");
+                        }
+                    }
+                }
+                None => {}
             }
         }
     });
@@ -169,6 +193,8 @@ fn call_name(call: &request::Call) -> &'static str {
         Call::Delete(_) => "Delete",
         Call::Shutdown(_) => "Shutdown",
         Call::SetTime(_) => "SetTime",
+        Call::Hold(_) => "Hold",
+        Call::Release(_) => "Release",
     }
 }
 
@@ -202,6 +228,11 @@ impl Agent {
                 }
                 let agent = self.clone();
                 tracing::debug!(id = req.id, "call {}", call_name(&call));
+                let hold = match &call {
+                    request::Call::Hold(_) => Some(true),
+                    request::Call::Release(_) => Some(false),
+                    _ => None,
+                };
                 tokio::spawn(async move {
                     let id = req.id;
                     let handled = tokio::spawn({
@@ -220,7 +251,12 @@ impl Agent {
                         )),
                     };
                     tracing::debug!(id, ok = result.is_ok(), "answered");
-                    agent.out.send(Frame::response(id, result));
+                    let answer = Frame::response(id, result);
+                    let _ = agent.out.0.send(match hold {
+                        Some(true) => Out::Hold(answer),
+                        Some(false) => Out::Release(answer),
+                        None => Out::Frame(answer),
+                    });
                 });
             }
             Some(frame::Body::Input(input)) => {
@@ -243,6 +279,8 @@ impl Agent {
         let done = || Ok(response::Result::Done(api::Empty {}));
         match call {
             Call::Hello(h) => self.hello(h).await,
+            // The writer holds and releases the channel around the answer.
+            Call::Hold(_) | Call::Release(_) => done(),
             Call::SetTime(t) => {
                 init::set_time(t.unix_seconds, t.unix_nanos);
                 done()

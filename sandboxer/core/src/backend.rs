@@ -169,11 +169,12 @@ pub trait Backend: Send + Sync {
     async fn create_sandbox(&self, req: SandboxRequest) -> Result<Arc<dyn Sandbox>>;
 
     /// Takes over a sandbox from a predecessor daemon, from what its
-    /// [`Sandbox::record`] said.
+    /// [`Sandbox::handover`] said and the descriptors it handed over.
     async fn restore_sandbox(
         &self,
         req: SandboxRequest,
         record: BackendRecord,
+        fds: Vec<OwnedFd>,
     ) -> Result<Arc<dyn Sandbox>>;
 
     /// Removes whatever is left of a container the daemon no longer tracks
@@ -210,6 +211,17 @@ pub trait Sandbox: Send + Sync {
     fn record(&self) -> BackendRecord {
         BackendRecord::Null
     }
+
+    /// The record and the descriptors a successor inherits, for a live
+    /// upgrade. Called once no call reaches the sandbox any more; a
+    /// sandbox may hold what it runs still here (until
+    /// [`Sandbox::handover_aborted`] or the successor takes over).
+    async fn handover(&self) -> Result<(BackendRecord, Vec<OwnedFd>)> {
+        Ok((self.record(), Vec::new()))
+    }
+
+    /// The upgrade failed after [`Sandbox::handover`]: serve on.
+    async fn handover_aborted(&self) {}
 }
 
 /// One container of a sandbox. `exec_id` `None` means the init process.

@@ -696,12 +696,18 @@ impl Daemon {
 
     /// What a successor needs of each sandbox; `fd` is the raw listening
     /// socket, valid while `self` lives.
-    pub fn sandbox_handovers(&self) -> Vec<SandboxHandover> {
-        self.sandboxes
-            .lock()
-            .unwrap()
-            .values()
-            .map(|s| SandboxHandover {
+    /// Every sandbox as handed over, with the descriptors its backend
+    /// hands over (kept open by the caller until the exec).
+    pub async fn sandbox_handovers(&self) -> Result<(Vec<SandboxHandover>, Vec<OwnedFd>)> {
+        let sandboxes: Vec<Arc<Sandbox>> =
+            self.sandboxes.lock().unwrap().values().cloned().collect();
+        let (mut out, mut kept) = (Vec::new(), Vec::new());
+        for s in sandboxes {
+            let (backend, fds) = match s.backend() {
+                Some(b) => b.handover().await?,
+                None => (Default::default(), Vec::new()),
+            };
+            out.push(SandboxHandover {
                 namespace: s.namespace.clone(),
                 id: s.id.clone(),
                 kind: s.kind.as_str().into(),
@@ -710,11 +716,25 @@ impl Daemon {
                 ttrpc_address: s.ttrpc_address(),
                 grpc_address: s.grpc_address(),
                 members: s.members.lock().unwrap().iter().cloned().collect(),
-                backend: s.backend().map(|b| b.record()).unwrap_or_default(),
+                backend,
                 state: s.handover_state(),
                 fd: s.listen_fd.as_raw_fd(),
-            })
-            .collect()
+                fds: fds.iter().map(|f| f.as_raw_fd()).collect(),
+            });
+            kept.extend(fds);
+        }
+        Ok((out, kept))
+    }
+
+    /// A live upgrade failed after [`Daemon::sandbox_handovers`].
+    pub async fn handovers_aborted(&self) {
+        let sandboxes: Vec<Arc<Sandbox>> =
+            self.sandboxes.lock().unwrap().values().cloned().collect();
+        for s in sandboxes {
+            if let Some(b) = s.backend() {
+                b.handover_aborted().await;
+            }
+        }
     }
 
     /// Takes over a sandbox (and its listening socket) from a predecessor.
@@ -722,13 +742,14 @@ impl Daemon {
         self: &Arc<Self>,
         h: SandboxHandover,
         listen_fd: OwnedFd,
+        fds: Vec<OwnedFd>,
     ) -> Result<()> {
         let kind = self.parse_kind(&h.kind)?;
         let view = h.state.clone();
         let backend = match view.created {
             true => Some(
                 self.backend(kind)?
-                    .restore_sandbox(self.sandbox_request(&h.namespace, &h.id), h.backend)
+                    .restore_sandbox(self.sandbox_request(&h.namespace, &h.id), h.backend, fds)
                     .await?,
             ),
             false => None,

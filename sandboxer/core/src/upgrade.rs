@@ -55,6 +55,9 @@ pub struct SandboxHandover {
     pub state: SandboxState,
     /// The listening socket.
     pub fd: RawFd,
+    /// Descriptors the backend hands over, in its order.
+    #[serde(default)]
+    pub fds: Vec<RawFd>,
 }
 
 /// A sandbox's lifecycle, as handed over.
@@ -141,6 +144,7 @@ impl Handover {
     fn fds(&self) -> Vec<RawFd> {
         let mut fds = vec![self.control_fd];
         fds.extend(self.sandboxes.iter().map(|s| s.fd));
+        fds.extend(self.sandboxes.iter().flat_map(|s| s.fds.iter().copied()));
         fds.extend(self.connections.iter().map(|c| c.fd));
         fds.extend(self.io.iter().flat_map(|i| i.fds()));
         fds
@@ -266,6 +270,20 @@ pub async fn upgrade(
     tokio::time::sleep(SETTLE).await;
     // Duplicates, kept open until the exec.
     let io = daemon.io_handovers().await;
+    let (sandboxes, sandbox_fds) = match daemon.sandbox_handovers().await {
+        Ok(h) => h,
+        Err(e) => {
+            daemon.handovers_aborted().await;
+            daemon.conns.resume();
+            daemon.restart_listeners();
+            for c in conns {
+                if let Err(e) = daemon.adopt_connection(c) {
+                    tracing::error!("task connection lost: {e}");
+                }
+            }
+            return Error::FailedPrecondition(format!("live upgrade refused: {e}"));
+        }
+    };
     let handover = Handover {
         io: io
             .iter()
@@ -281,7 +299,7 @@ pub async fn upgrade(
             })
             .collect(),
         control_fd,
-        sandboxes: daemon.sandbox_handovers(),
+        sandboxes,
         tasks: daemon.task_records(),
         connections: conns
             .iter()
@@ -324,6 +342,8 @@ pub async fn upgrade(
     };
     // Still here: serve on in this image (the duplicates are dropped).
     drop(io);
+    drop(sandbox_fds);
+    daemon.handovers_aborted().await;
     let _ = std::fs::remove_file(&path);
     for fd in fds {
         if let Err(e) = set_cloexec(fd, true) {
@@ -394,9 +414,10 @@ pub async fn adopt(daemon: &Arc<Daemon>, path: &Path) -> Result<OwnedFd> {
     let control = take_fd(handover.control_fd, &mut seen)?;
     for s in handover.sandboxes {
         let id = s.id.clone();
-        let adopted = match take_fd(s.fd, &mut seen) {
-            Ok(fd) => daemon.adopt_sandbox(s, fd).await,
-            Err(e) => Err(e),
+        let fds: Result<Vec<OwnedFd>> = s.fds.iter().map(|&fd| take_fd(fd, &mut seen)).collect();
+        let adopted = match (take_fd(s.fd, &mut seen), fds) {
+            (Ok(fd), Ok(fds)) => daemon.adopt_sandbox(s, fd, fds).await,
+            (Err(e), _) | (_, Err(e)) => Err(e),
         };
         if let Err(e) = adopted {
             tracing::error!(sandbox = %id, "sandbox not taken over: {e}");

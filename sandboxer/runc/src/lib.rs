@@ -101,6 +101,7 @@ impl Backend for Runc {
         &self,
         req: SandboxRequest,
         record: BackendRecord,
+        _fds: Vec<std::os::fd::OwnedFd>,
     ) -> Result<Arc<dyn Sandbox>> {
         Ok(self.restored_sandbox(&req, record))
     }

@@ -20,6 +20,17 @@ use kuasar_protocol::Code;
 use tokio::io::{AsyncWrite, AsyncWriteExt};
 use tokio::sync::{mpsc, oneshot};
 
+/// What a successor daemon needs of the host's end of a channel.
+#[derive(serde::Serialize, serde::Deserialize, Debug, Default, Clone)]
+pub struct AgentRecord {
+    pub next_id: u64,
+    pub next_stream: u64,
+    /// Output streams, in the order of the handed-over descriptors.
+    pub outputs: Vec<u64>,
+    /// Live processes by container: exec ids, "" for the init process.
+    pub live: HashMap<String, Vec<String>>,
+}
+
 /// The status containerd reports for a process whose VM died: SIGKILL.
 pub const KILLED: u32 = 128 + 9;
 
@@ -28,8 +39,13 @@ type Reply = std::result::Result<response::Result, api::Status>;
 #[derive(Default)]
 struct State {
     pending: HashMap<u64, oneshot::Sender<Reply>>,
-    outputs: HashMap<u64, mpsc::UnboundedSender<Vec<u8>>>,
+    /// Where each output stream goes, with a duplicate of its descriptor
+    /// for a live upgrade.
+    outputs: HashMap<u64, (mpsc::UnboundedSender<Vec<u8>>, OwnedFd)>,
     events: HashMap<String, EventSink>,
+    /// Events of containers no sink is registered for yet (a successor
+    /// daemon between taking over the VM and its tasks).
+    unrouted: HashMap<String, Vec<ContainerEvent>>,
     /// Processes that exist in the guest, by container: exec ids, "" for
     /// the init process.
     live: HashMap<String, HashSet<String>>,
@@ -38,6 +54,8 @@ struct State {
 }
 
 pub struct Agent {
+    /// A duplicate of the channel, for a live upgrade.
+    channel: OwnedFd,
     tx: mpsc::UnboundedSender<Frame>,
     state: Mutex<State>,
     next_id: AtomicU64,
@@ -52,12 +70,16 @@ impl Agent {
         let read_fd = fd.try_clone().map_err(kuasar_core::error::io_context(
             "duplicating the agent channel",
         ))?;
+        let channel = fd.try_clone().map_err(kuasar_core::error::io_context(
+            "duplicating the agent channel",
+        ))?;
         let mut reader = FdStream::new(read_fd)
             .map_err(kuasar_core::error::io_context("watching the agent channel"))?;
         let mut writer = FdStream::new(fd)
             .map_err(kuasar_core::error::io_context("watching the agent channel"))?;
         let (tx, mut rx) = mpsc::unbounded_channel::<Frame>();
         let agent = Arc::new(Agent {
+            channel,
             tx,
             state: Mutex::default(),
             next_id: AtomicU64::new(1),
@@ -87,6 +109,58 @@ impl Agent {
                 agent.die(reason);
             }
         });
+        Ok(agent)
+    }
+
+    /// What a successor needs to serve the channel on: counters, the live
+    /// processes, and duplicates of the channel and of the output streams'
+    /// descriptors (in that order). Call once the agent holds its output.
+    pub fn export(&self) -> Result<(AgentRecord, Vec<OwnedFd>)> {
+        let st = self.state.lock().unwrap();
+        let mut fds = vec![self
+            .channel
+            .try_clone()
+            .map_err(kuasar_core::error::io_context(
+                "duplicating the agent channel",
+            ))?];
+        let mut outputs = Vec::new();
+        for (sid, (_, fd)) in &st.outputs {
+            fds.push(fd.try_clone().map_err(kuasar_core::error::io_context(
+                "duplicating a process output",
+            ))?);
+            outputs.push(*sid);
+        }
+        Ok((
+            AgentRecord {
+                next_id: self.next_id.load(Ordering::Relaxed),
+                next_stream: self.next_stream.load(Ordering::Relaxed),
+                outputs,
+                live: st
+                    .live
+                    .iter()
+                    .map(|(id, execs)| (id.clone(), execs.iter().cloned().collect()))
+                    .collect(),
+            },
+            fds,
+        ))
+    }
+
+    /// Serves a channel a predecessor handed over (`fd`); `outputs` are the
+    /// descriptors of `record.outputs`, in order.
+    pub fn adopt(fd: OwnedFd, record: &AgentRecord, outputs: Vec<OwnedFd>) -> Result<Arc<Agent>> {
+        let agent = Agent::connect(fd)?;
+        agent.next_id.store(record.next_id, Ordering::Relaxed);
+        agent
+            .next_stream
+            .store(record.next_stream, Ordering::Relaxed);
+        for (sid, fd) in record.outputs.iter().zip(outputs) {
+            agent.add_output(*sid, fd)?;
+        }
+        agent.state.lock().unwrap().live = record
+            .live
+            .iter()
+            .map(|(id, execs)| (id.clone(), execs.iter().cloned().collect()))
+            .collect();
         Ok(agent)
     }
 
@@ -148,6 +222,9 @@ impl Agent {
     /// Writes what the guest sends on stream `sid` into `to`, closing it at
     /// the stream's end.
     pub fn add_output(&self, sid: u64, to: OwnedFd) -> Result<()> {
+        let dup = to.try_clone().map_err(kuasar_core::error::io_context(
+            "duplicating a process output",
+        ))?;
         let mut w: Pin<Box<dyn AsyncWrite + Send + Sync>> = kuasar_host::stdio::writer(to)
             .map_err(kuasar_core::error::io_context("watching a process output"))?;
         let (tx, mut rx) = mpsc::unbounded_channel::<Vec<u8>>();
@@ -163,7 +240,7 @@ impl Agent {
         });
         let mut st = self.state.lock().unwrap();
         if st.dead.is_none() {
-            st.outputs.insert(sid, tx);
+            st.outputs.insert(sid, (tx, dup));
         }
         Ok(())
     }
@@ -174,11 +251,11 @@ impl Agent {
 
     /// Routes a container's events to `sink`.
     pub fn add_container(&self, id: &str, sink: EventSink) {
-        self.state
-            .lock()
-            .unwrap()
-            .events
-            .insert(id.to_string(), sink);
+        let mut st = self.state.lock().unwrap();
+        for ev in st.unrouted.remove(id).unwrap_or_default() {
+            let _ = sink.send(ev);
+        }
+        st.events.insert(id.to_string(), sink);
     }
 
     pub fn remove_container(&self, id: &str) {
@@ -203,10 +280,17 @@ impl Agent {
     }
 
     fn report_exit(&self, id: &str, exec_id: &str, status: u32) {
-        let sink = self.state.lock().unwrap().events.get(id).cloned();
-        if let Some(sink) = sink {
-            let exec = (!exec_id.is_empty()).then(|| exec_id.to_string());
-            let _ = sink.send(ContainerEvent::Exit(exec, status));
+        let exec = (!exec_id.is_empty()).then(|| exec_id.to_string());
+        self.route(id, ContainerEvent::Exit(exec, status));
+    }
+
+    fn route(&self, id: &str, ev: ContainerEvent) {
+        let mut st = self.state.lock().unwrap();
+        match st.events.get(id) {
+            Some(sink) => {
+                let _ = sink.send(ev);
+            }
+            None => st.unrouted.entry(id.to_string()).or_default().push(ev),
         }
     }
 
@@ -228,7 +312,7 @@ impl Agent {
             }
             Some(frame::Body::Output(o)) => {
                 let mut st = self.state.lock().unwrap();
-                if let Some(w) = st.outputs.get(&o.stream) {
+                if let Some((w, _)) = st.outputs.get(&o.stream) {
                     if !o.data.is_empty() {
                         let _ = w.send(o.data);
                     }
@@ -251,12 +335,7 @@ impl Agent {
                         self.report_exit(&e.id, &x.exec_id, x.status);
                     }
                 }
-                Some(event::Kind::Oom(_)) => {
-                    let sink = self.state.lock().unwrap().events.get(&e.id).cloned();
-                    if let Some(sink) = sink {
-                        let _ = sink.send(ContainerEvent::Oom);
-                    }
-                }
+                Some(event::Kind::Oom(_)) => self.route(&e.id, ContainerEvent::Oom),
                 None => {}
             },
             other => tracing::warn!("unexpected frame from the guest agent: {other:?}"),

@@ -132,9 +132,10 @@ impl Backend for Vmm {
     }
 
     fn capabilities(&self) -> Capabilities {
-        // The agent channel is not handed over to a new daemon yet.
+        // qemu stays the daemon's child across the re-exec; the agent
+        // channel and the stdio descriptors are handed over.
         Capabilities {
-            survives_reexec: false,
+            survives_reexec: true,
         }
     }
 
@@ -145,12 +146,12 @@ impl Backend for Vmm {
     async fn restore_sandbox(
         &self,
         req: SandboxRequest,
-        _record: BackendRecord,
+        record: BackendRecord,
+        fds: Vec<std::os::fd::OwnedFd>,
     ) -> Result<Arc<dyn Sandbox>> {
-        Err(Error::Unimplemented(format!(
-            "sandbox {}: VMs are not taken over by a new daemon",
-            req.id
-        )))
+        Ok(Arc::new(
+            sandbox::VmSandbox::restore(self.shared.clone(), req, record, fds).await?,
+        ))
     }
 
     async fn cleanup(&self, _namespace: &str, _id: &str, _bundle: &Path) -> Result<()> {

@@ -3,6 +3,7 @@
 //! over the agent channel.
 
 use std::collections::HashMap;
+use std::os::fd::OwnedFd;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
@@ -10,7 +11,9 @@ use std::time::Duration;
 use async_trait::async_trait;
 use containerd_shim_protos::api::ProcessInfo;
 use kuasar_agent_api::{self as api, request, response};
-use kuasar_core::backend::{Container, CreateRequest, RestoreRequest, Sandbox, SandboxRequest};
+use kuasar_core::backend::{
+    BackendRecord, Container, CreateRequest, RestoreRequest, Sandbox, SandboxRequest,
+};
 use kuasar_core::error::{io_context, Error, Result};
 use kuasar_host::stdio::{self, FdStream, IoTasks, StdioPaths};
 use protobuf::well_known_types::any::Any;
@@ -18,9 +21,9 @@ use protobuf::Message;
 use tokio::io::AsyncReadExt;
 use tokio::sync::Mutex;
 
-use crate::agent::Agent;
-use crate::share::Share;
-use crate::vm::{self, BootRequest, Vm};
+use crate::agent::{Agent, AgentRecord};
+use crate::share::{Share, ShareRecord};
+use crate::vm::{self, BootRequest, Guest, Vm};
 use crate::Shared;
 
 /// How long an ordinary call may take in the guest.
@@ -28,10 +31,52 @@ const CALL: Duration = Duration::from_secs(30);
 /// Create and Exec run runc in the guest (slow under TCG).
 const LAUNCH: Duration = Duration::from_secs(40);
 
+/// The containers of a sandbox: what each keeps on the host, shared by its
+/// task and the sandbox (which hands it over in a live upgrade).
+type Containers = Arc<std::sync::Mutex<HashMap<String, Arc<ContainerState>>>>;
+
 pub struct VmSandbox {
     shared: Arc<Shared>,
     req: SandboxRequest,
     vm: std::sync::Mutex<Option<Arc<Vm>>>,
+    containers: Containers,
+}
+
+/// What a successor daemon needs of a running VM sandbox. The handed-over
+/// descriptors are the agent channel, the output streams of
+/// `agent.outputs`, then the stdin FIFOs the processes name by index.
+#[derive(serde::Serialize, serde::Deserialize)]
+struct SandboxRecord {
+    pid: i32,
+    kernel_release: String,
+    agent: AgentRecord,
+    containers: Vec<ContainerRecord>,
+}
+
+#[derive(serde::Serialize, serde::Deserialize)]
+struct ContainerRecord {
+    id: String,
+    namespace: String,
+    pid: u32,
+    share: ShareRecord,
+    processes: Vec<ProcessRecord>,
+}
+
+#[derive(serde::Serialize, serde::Deserialize)]
+struct ProcessRecord {
+    /// Empty for the init process.
+    exec_id: String,
+    streams: Vec<u64>,
+    stdin: Option<Stdin>,
+    /// Index of the opened stdin FIFO among the handed-over descriptors.
+    stdin_fd: Option<usize>,
+}
+
+/// A process's stdin: its stream and containerd's FIFO.
+#[derive(serde::Serialize, serde::Deserialize, Clone)]
+struct Stdin {
+    sid: u64,
+    path: String,
 }
 
 impl VmSandbox {
@@ -40,7 +85,78 @@ impl VmSandbox {
             shared,
             req,
             vm: std::sync::Mutex::new(None),
+            containers: Default::default(),
         }
+    }
+
+    /// A sandbox a predecessor daemon ran, from its record and descriptors.
+    pub async fn restore(
+        shared: Arc<Shared>,
+        req: SandboxRequest,
+        record: BackendRecord,
+        fds: Vec<OwnedFd>,
+    ) -> Result<VmSandbox> {
+        let sandbox = VmSandbox::new(shared, req);
+        if record.is_null() {
+            return Ok(sandbox);
+        }
+        let rec: SandboxRecord = serde_json::from_value(record)
+            .map_err(|e| Error::Internal(format!("the VM's handover record: {e}")))?;
+        let mut fds = fds.into_iter();
+        let channel = fds
+            .next()
+            .ok_or_else(|| Error::Internal("the VM's agent channel was not handed over".into()))?;
+        let outputs: Vec<OwnedFd> = fds.by_ref().take(rec.agent.outputs.len()).collect();
+        let mut rest: Vec<Option<OwnedFd>> = fds.map(Some).collect();
+        let agent = Agent::adopt(channel, &rec.agent, outputs)?;
+        let guest = Guest {
+            kernel_release: rec.kernel_release,
+            boot_time: Duration::ZERO,
+        };
+        let vm = Vm::watch(
+            rec.pid,
+            agent.clone(),
+            guest,
+            &sandbox.req.state_dir,
+            &sandbox.shared.reaper,
+        );
+        vm.keep_time();
+        for c in rec.containers {
+            let mut init = None;
+            let mut execs = HashMap::new();
+            for p in c.processes {
+                let from = p
+                    .stdin_fd
+                    .and_then(|i| rest.get_mut(i).and_then(Option::take));
+                let io = adopt_process(&agent, p.streams, p.stdin, from);
+                match p.exec_id.as_str() {
+                    "" => init = Some(io),
+                    e => {
+                        execs.insert(e.to_string(), io);
+                    }
+                }
+            }
+            let state = ContainerState {
+                id: c.id.clone(),
+                namespace: c.namespace,
+                pid: c.pid,
+                share: Share::adopt(c.share),
+                init: Mutex::new(init.unwrap_or_default()),
+                execs: Mutex::new(execs),
+            };
+            sandbox
+                .containers
+                .lock()
+                .unwrap()
+                .insert(c.id, Arc::new(state));
+        }
+        *sandbox.vm.lock().unwrap() = Some(Arc::new(vm));
+        // The agent sends what it held since the predecessor's Hold; exits
+        // wait for their tasks in the agent's unrouted events.
+        agent
+            .call(request::Call::Release(api::Empty {}), CALL)
+            .await?;
+        Ok(sandbox)
     }
 
     fn vm(&self) -> Result<Arc<Vm>> {
@@ -158,24 +274,164 @@ impl Sandbox for VmSandbox {
             }
         };
         agent.process_started(&req.id, "");
-        Ok(Box::new(VmContainer {
-            shared: self.shared.clone(),
-            vm,
-            id: req.id,
+        let state = Arc::new(ContainerState {
+            id: req.id.clone(),
             namespace: req.namespace,
             pid,
             share,
             init: Mutex::new(io),
             execs: Mutex::new(HashMap::new()),
+        });
+        self.containers
+            .lock()
+            .unwrap()
+            .insert(req.id, state.clone());
+        Ok(Box::new(VmContainer {
+            shared: self.shared.clone(),
+            vm,
+            state,
+            containers: self.containers.clone(),
         }))
     }
 
     async fn restore_container(&self, req: RestoreRequest) -> Result<Box<dyn Container>> {
-        Err(Error::Unimplemented(format!(
-            "container {}: a VM's containers are not taken over by a new daemon",
-            req.id
-        )))
+        let vm = self.vm()?;
+        let state = self
+            .containers
+            .lock()
+            .unwrap()
+            .get(&req.id)
+            .cloned()
+            .ok_or_else(|| {
+                Error::NotFound(format!(
+                    "container {} was not handed over with its VM",
+                    req.id
+                ))
+            })?;
+        vm.agent.add_container(&req.id, req.events);
+        Ok(Box::new(VmContainer {
+            shared: self.shared.clone(),
+            vm,
+            state,
+            containers: self.containers.clone(),
+        }))
     }
+
+    async fn handover(&self) -> Result<(BackendRecord, Vec<OwnedFd>)> {
+        let Some(vm) = self.vm.lock().unwrap().clone() else {
+            return Ok((BackendRecord::Null, Vec::new()));
+        };
+        if vm.agent.is_dead() {
+            return Err(Error::FailedPrecondition(format!(
+                "the VM of sandbox {} is gone",
+                self.req.id
+            )));
+        }
+        // From its answer on the agent sends nothing: the channel is at a
+        // frame boundary for the successor.
+        vm.agent
+            .call(request::Call::Hold(api::Empty {}), CALL)
+            .await?;
+        let (agent, mut fds) = vm.agent.export()?;
+        let mut containers = Vec::new();
+        let states: Vec<Arc<ContainerState>> =
+            self.containers.lock().unwrap().values().cloned().collect();
+        for c in states {
+            let mut processes = Vec::new();
+            let mut export = |exec_id: &str, p: &ProcessIo, fds: &mut Vec<OwnedFd>| {
+                let stdin_fd = p.io.handover().stdin_from.map(|fd| {
+                    fds.push(fd);
+                    fds.len() - 1 - (1 + agent.outputs.len())
+                });
+                processes.push(ProcessRecord {
+                    exec_id: exec_id.to_string(),
+                    streams: p.streams.clone(),
+                    stdin: p.stdin.clone(),
+                    stdin_fd,
+                });
+            };
+            export("", &*c.init.lock().await, &mut fds);
+            for (e, p) in c.execs.lock().await.iter() {
+                export(e, p, &mut fds);
+            }
+            containers.push(ContainerRecord {
+                id: c.id.clone(),
+                namespace: c.namespace.clone(),
+                pid: c.pid,
+                share: c.share.record(),
+                processes,
+            });
+        }
+        let record = SandboxRecord {
+            pid: vm.pid,
+            kernel_release: vm.guest.kernel_release.clone(),
+            agent,
+            containers,
+        };
+        let record = serde_json::to_value(record).map_err(|e| Error::Internal(e.to_string()))?;
+        Ok((record, fds))
+    }
+
+    async fn handover_aborted(&self) {
+        let vm = self.vm.lock().unwrap().clone();
+        if let Some(vm) = vm {
+            if let Err(e) = vm
+                .agent
+                .call(request::Call::Release(api::Empty {}), CALL)
+                .await
+            {
+                tracing::warn!(sandbox = %self.req.id, "releasing the agent after a failed upgrade: {e}");
+            }
+        }
+    }
+}
+
+/// Restarts a process's stdio on the host from what a predecessor handed
+/// over: output streams are the agent's already; stdin is read again from
+/// the FIFO (opened, or by path if the copy had not opened it yet).
+fn adopt_process(
+    agent: &Arc<Agent>,
+    streams: Vec<u64>,
+    stdin: Option<Stdin>,
+    from: Option<OwnedFd>,
+) -> ProcessIo {
+    let mut p = ProcessIo {
+        streams,
+        stdin: stdin.clone(),
+        ..Default::default()
+    };
+    if let Some(Stdin { sid, path }) = stdin {
+        let piped = stdio::pipe().map_err(Error::from).and_then(|(r, w)| {
+            match from {
+                Some(from) => p.io.adopt_stdin(from, w)?,
+                None => p.io.copy_stdin(&path, w)?,
+            }
+            pump_stdin(agent, sid, r)
+        });
+        if let Err(e) = piped {
+            tracing::warn!("stdin not taken over: {e}");
+        }
+    }
+    p
+}
+
+/// Sends what is read from `from` to the guest as stream `sid`, then its
+/// end.
+fn pump_stdin(agent: &Arc<Agent>, sid: u64, from: OwnedFd) -> Result<()> {
+    let agent = Arc::downgrade(agent);
+    let mut from = FdStream::new(from).map_err(io_context("watching stdin"))?;
+    tokio::spawn(async move {
+        let mut buf = vec![0u8; api::IO_CHUNK];
+        loop {
+            let n = from.read(&mut buf).await.unwrap_or(0);
+            let Some(agent) = agent.upgrade() else { return };
+            agent.input(sid, buf[..n].to_vec(), n == 0);
+            if n == 0 {
+                return;
+            }
+        }
+    });
+    Ok(())
 }
 
 impl VmSandbox {
@@ -193,9 +449,11 @@ impl VmSandbox {
 }
 
 /// A process's stdio on the host: stream ids and the copies feeding them.
+#[derive(Default)]
 struct ProcessIo {
     io: IoTasks,
     streams: Vec<u64>,
+    stdin: Option<Stdin>,
 }
 
 /// Sets up a process's stdio and sends the call `make` builds with its
@@ -209,10 +467,7 @@ async fn launch(
     make: impl FnOnce(api::Stdio) -> request::Call,
 ) -> Result<(u32, ProcessIo)> {
     let outputs = stdio::open_outputs(paths, namespace, id, &shared.reaper).await?;
-    let mut io = ProcessIo {
-        io: IoTasks::default(),
-        streams: Vec::new(),
-    };
+    let mut io = ProcessIo::default();
     io.io.logger = outputs.logger;
     let mut streams = api::Stdio {
         terminal: paths.terminal,
@@ -231,6 +486,10 @@ async fn launch(
         streams.stdin = agent.stream_id();
         let (r, w) = stdio::pipe()?;
         io.io.copy_stdin(&paths.stdin, w)?;
+        io.stdin = Some(Stdin {
+            sid: streams.stdin,
+            path: paths.stdin.clone(),
+        });
         stdin_from = Some(r);
     }
     let answered = agent.call(make(streams), LAUNCH).await;
@@ -248,32 +507,34 @@ async fn launch(
     };
     // Input flows once the process exists in the guest.
     if let Some(from) = stdin_from {
-        let (agent, sid) = (Arc::downgrade(agent), streams.stdin);
-        let mut from = FdStream::new(from).map_err(io_context("watching stdin"))?;
-        tokio::spawn(async move {
-            let mut buf = vec![0u8; api::IO_CHUNK];
-            loop {
-                let n = from.read(&mut buf).await.unwrap_or(0);
-                let Some(agent) = agent.upgrade() else { return };
-                agent.input(sid, buf[..n].to_vec(), n == 0);
-                if n == 0 {
-                    return;
-                }
-            }
-        });
+        pump_stdin(agent, streams.stdin, from)?;
     }
     Ok((pid, io))
 }
 
-struct VmContainer {
-    shared: Arc<Shared>,
-    vm: Arc<Vm>,
+/// What a container of a VM keeps on the host.
+struct ContainerState {
     id: String,
     namespace: String,
     pid: u32,
     share: Share,
     init: Mutex<ProcessIo>,
     execs: Mutex<HashMap<String, ProcessIo>>,
+}
+
+struct VmContainer {
+    shared: Arc<Shared>,
+    vm: Arc<Vm>,
+    state: Arc<ContainerState>,
+    containers: Containers,
+}
+
+impl std::ops::Deref for VmContainer {
+    type Target = ContainerState;
+
+    fn deref(&self) -> &ContainerState {
+        &self.state
+    }
 }
 
 impl VmContainer {
@@ -460,6 +721,7 @@ impl Container for VmContainer {
             agent.drop_output(s);
         }
         self.share.release();
+        self.containers.lock().unwrap().remove(&self.id);
         Ok(())
     }
 }

@@ -21,7 +21,32 @@ pub struct Share {
     binds: Vec<PathBuf>,
 }
 
+/// What a successor daemon needs of a share.
+#[derive(serde::Serialize, serde::Deserialize, Debug, Clone)]
+pub struct ShareRecord {
+    dir: PathBuf,
+    rootfs_mounted: bool,
+    binds: Vec<PathBuf>,
+}
+
 impl Share {
+    pub fn record(&self) -> ShareRecord {
+        ShareRecord {
+            dir: self.dir.clone(),
+            rootfs_mounted: self.rootfs.is_mounted(),
+            binds: self.binds.clone(),
+        }
+    }
+
+    /// The share a predecessor made.
+    pub fn adopt(r: ShareRecord) -> Share {
+        Share {
+            rootfs: Rootfs::adopt(&r.dir, r.rootfs_mounted),
+            dir: r.dir,
+            binds: r.binds,
+        }
+    }
+
     /// Mounts the container's rootfs (containerd's `mounts`, or the
     /// bundle's own rootfs when none were sent) and rewrites `spec`.
     pub fn prepare(

@@ -64,31 +64,17 @@ impl Vm {
             console: &console,
         };
         let pid = qemu::start(&spec, guest.into(), &req.dir.join("qemu.log"))?;
-        let exited = reaper.subscribe(pid);
-        let (exit_tx, exit) = watch::channel(None);
         let agent = Agent::connect(host.into())?;
-        {
-            let (console, log) = (console.clone(), req.dir.join("qemu.log"));
-            agent.describe_with(move || describe(&console, &log));
-        }
-        let watcher = Arc::downgrade(&agent);
-        tokio::spawn(async move {
-            let status = exited.await.unwrap_or(KILLED_STATUS);
-            let _ = exit_tx.send(Some(status));
-            if let Some(agent) = watcher.upgrade() {
-                agent.die(format!("qemu exited with status {status}"));
-            }
-        });
-        let vm = Vm {
+        let vm = Vm::watch(
             pid,
             agent,
-            guest: Guest {
+            Guest {
                 kernel_release: String::new(),
                 boot_time: Duration::ZERO,
             },
-            console,
-            exit,
-        };
+            req.dir,
+            reaper,
+        );
         match vm
             .agent
             .call(request::Call::Hello(req.hello), req.timeout)
@@ -118,6 +104,33 @@ impl Vm {
                     describe(&vm.console, &req.dir.join("qemu.log"))
                 )))
             }
+        }
+    }
+
+    /// A VM whose qemu is `pid`, served by `agent`: its exit ends the
+    /// agent's channel.
+    pub fn watch(pid: i32, agent: Arc<Agent>, guest: Guest, dir: &Path, reaper: &Reaper) -> Vm {
+        let console = dir.join("console.log");
+        {
+            let (console, log) = (console.clone(), dir.join("qemu.log"));
+            agent.describe_with(move || describe(&console, &log));
+        }
+        let exited = reaper.subscribe(pid);
+        let (exit_tx, exit) = watch::channel(None);
+        let watcher = Arc::downgrade(&agent);
+        tokio::spawn(async move {
+            let status = exited.await.unwrap_or(KILLED_STATUS);
+            let _ = exit_tx.send(Some(status));
+            if let Some(agent) = watcher.upgrade() {
+                agent.die(format!("qemu exited with status {status}"));
+            }
+        });
+        Vm {
+            pid,
+            agent,
+            guest,
+            console,
+            exit,
         }
     }
 

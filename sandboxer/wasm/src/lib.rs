@@ -143,6 +143,7 @@ impl Backend for Wasm {
         &self,
         req: SandboxRequest,
         record: BackendRecord,
+        _fds: Vec<std::os::fd::OwnedFd>,
     ) -> Result<Arc<dyn Sandbox>> {
         Ok(Arc::new(WasmSandbox {
             shared: self.shared.clone(),
