@@ -1040,6 +1040,7 @@ impl Drop for CriEnv {
             );
         }
         cgroup::destroy(&self.name());
+        crate::kill_env_processes(&self.dir, "qemu-system");
         if let Some(c) = self.sandboxer.take() {
             stop_child(c, Duration::from_secs(5));
         }

@@ -952,6 +952,28 @@ pub(crate) fn walk(dir: &Path) -> Vec<PathBuf> {
     out
 }
 
+/// SIGKILLs the processes of an env whose command line names `program`,
+/// and waits (bounded) until they are gone.
+pub(crate) fn kill_env_processes(dir: &Path, program: &str) {
+    let marker = dir.to_string_lossy().into_owned();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let left: Vec<u32> = processes()
+            .into_iter()
+            .filter(|(_, cmd)| cmd.contains(program) && cmd.contains(&marker))
+            .map(|(pid, _)| pid)
+            .collect();
+        if left.is_empty() || Instant::now() > deadline {
+            return;
+        }
+        for pid in left {
+            // SAFETY: plain kill(2).
+            unsafe { libc::kill(pid as i32, libc::SIGKILL) };
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
 impl Drop for Env {
     fn drop(&mut self) {
         if std::thread::panicking() {
@@ -972,13 +994,9 @@ impl Drop for Env {
         cgroup::destroy(&self.cgroup_name());
         self.stop_sandboxer();
         // containerd-shim-runc-v2 processes of this env (comparison runs).
-        let marker = self.dir.to_string_lossy().into_owned();
-        for (pid, cmd) in processes() {
-            if cmd.contains("containerd-shim") && cmd.contains(&marker) {
-                // SAFETY: plain kill(2).
-                unsafe { libc::kill(pid as i32, libc::SIGKILL) };
-            }
-        }
+        kill_env_processes(&self.dir, "containerd-shim");
+        // VMs outlive the sandboxer as containers do.
+        kill_env_processes(&self.dir, "qemu-system");
         for m in mounts_under(&self.dir) {
             if let Ok(c) = std::ffi::CString::new(m) {
                 // SAFETY: c is a valid path.
