@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The first command for a new user on a fresh Debian 12 machine (as root):
-# installs what is needed, builds the workspace, and runs containers through
-# the kuasar shim on a private, stock containerd 1.6 next to a private
+# installs what is needed, builds the workspace, and runs containers (runc, a
+# WASI program, a microVM) through the kuasar shims on a private, stock
+# containerd 1.6 next to a private
 # kuasar-sandboxer, showing that no shim process stays resident. Everything
 # it starts is stopped and removed on exit, also on failure or ^C; it exits
 # non-zero if anything fails. It never touches a system containerd.
@@ -21,6 +22,8 @@ IMAGE_TAR=target/kuasar-images/busybox.tar
 bash hack/build-busybox-image.sh "$IMAGE_TAR"
 WASM_TAR=target/kuasar-images/wasm-test.tar
 bash hack/build-wasm-image.sh "$WASM_TAR"
+say "building the microVM guest image (Debian's kernel, a static kuasar-agent, crun)"
+bash hack/build-guest-image.sh target/kuasar-guest
 
 # shellcheck source=hack/lib/containerd-env.sh
 source hack/lib/containerd-env.sh
@@ -57,6 +60,13 @@ out=$(kuasar_ctr run --rm --fifo-dir "$DIR/fifo" --platform wasip1/wasm --runtim
 echo "$out"
 [ "$out" = "hello from wasm" ] || fail "unexpected output from the wasm container"
 echo "  (a wasmtime instance inside kuasar-sandboxer: no process was started for it)"
+
+VRT=io.containerd.kuasarvmm.v1
+say "a container in a microVM of its own: ctr run --rm --runtime $VRT $IMG vdemo uname -r"
+out=$(kuasar_ctr run --rm "${KUASAR_RUN_FLAGS[@]}" --runtime "$VRT" "$IMG" vdemo uname -r)
+echo "$out"
+[ "$out" = "$(cat target/kuasar-guest/kernel.release)" ] || fail "the microVM container did not run on the guest kernel"
+echo "  (the guest's kernel, not the host's $(uname -r): qemu, driven by kuasar-sandboxer, no shim)"
 
 say "three detached containers: ctr run -d --runtime $RT $IMG demoN sleep 600"
 for i in 1 2 3; do

@@ -310,6 +310,19 @@ binary = "runc"
 [wasm]
 enabled = true
 EOT
+  # microVMs, when the guest image was built (hack/build-guest-image.sh).
+  local guest=${KUASAR_GUEST_DIR:-$PWD/target/kuasar-guest}
+  if [ -f "$guest/vmlinux" ]; then
+    cat >> "$dir/sandboxer.toml" <<EOT
+[vmm]
+enabled = true
+kernel = "$guest/vmlinux"
+initrd = "$guest/initramfs.cpio"
+accel = "${KUASAR_VMM_ACCEL:-auto}"
+EOT
+  else
+    printf '[vmm]\nenabled = false\n' >> "$dir/sandboxer.toml"
+  fi
   printf '#!/bin/sh\n# ctr for the throw-away containerd %s in %s\nCONTAINERD_NAMESPACE=%q\nexport CONTAINERD_NAMESPACE\nexec %q --address %q "$@"\n' \
     "$ver" "$dir" "$KUASAR_ENV_NAMESPACE" "$cdir/ctr" "$dir/c.sock" > "$dir/ctr"
   chmod 0755 "$dir/ctr"
@@ -473,6 +486,10 @@ kuasar_env_down() {
   #    (containerd-shim-runc-v2 lives as long as its container).
   _kuasar_stop_pidfile "$dir/sandboxer.pid" "$dir/sandboxer.toml" 5
   for pid in $(kuasar_env_shim_pids "$dir"); do
+    kill -KILL "$pid" 2>/dev/null || true
+  done
+  # VMs outlive the sandboxer as containers do.
+  for pid in $(pgrep -f "qemu-system.*$dir/" 2>/dev/null); do
     kill -KILL "$pid" 2>/dev/null || true
   done
 
