@@ -23,6 +23,7 @@ kuasar_e2e::both_versions!(
     a_guest_that_does_not_boot_fails_create_clearly_in_bounded_time,
     auto_accel_probes_kvm_once_and_runs_the_container,
     a_live_upgrade_keeps_running_vms_their_output_and_exits,
+    an_oom_kill_in_the_guest_reaches_containerd,
 );
 
 fn guest_release() -> String {
@@ -408,5 +409,30 @@ fn a_live_upgrade_keeps_running_vms_their_output_and_exits(v: Version) {
     env.ctr_ok(&["task", "kill", "-s", "KILL", "lu1"]);
     env.wait_status("lu1", "STOPPED");
     env.remove("lu1");
+    env.assert_clean();
+}
+
+fn an_oom_kill_in_the_guest_reaches_containerd(v: Version) {
+    let env = Env::start(v);
+    let events = env.subscribe_events();
+    // 32 MiB for the container (its VM gets the default 128 MiB): the
+    // guest's OOM killer ends the shell that keeps doubling a string.
+    let o = env.run_with(
+        &["--rm", "--memory-limit", "33554432"],
+        VMM,
+        "oom1",
+        &["sh", "-c", "x=0123456789; while true; do x=$x$x; done"],
+    );
+    assert_eq!(o.status, Some(137), "{o}\n{}", env.log_tails());
+    let lines = events.collect_until(Duration::from_secs(10), |l| {
+        l.contains("/tasks/oom") && l.contains("oom1")
+    });
+    assert!(
+        lines
+            .iter()
+            .any(|l| l.contains("/tasks/oom") && l.contains("oom1")),
+        "no /tasks/oom:\n{}",
+        lines.join("\n")
+    );
     env.assert_clean();
 }

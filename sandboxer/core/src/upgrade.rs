@@ -502,6 +502,7 @@ mod tests {
                 backend: serde_json::json!({"pinned": ["net"]}),
                 state: SandboxState::default(),
                 fd: 4,
+                fds: vec![9, 10],
             }],
             tasks: vec![TaskRecord {
                 namespace: "ns".into(),
@@ -552,7 +553,7 @@ mod tests {
         };
         write_handover(&path, &h).unwrap();
         let got = read_handover(&path).unwrap();
-        assert_eq!(got.fds(), vec![3, 4, 5, 6, 7]);
+        assert_eq!(got.fds(), vec![3, 4, 9, 10, 5, 6, 7]);
         assert_eq!(got.io, h.io);
         assert_eq!(got.sandboxes, h.sandboxes);
         assert_eq!(got.connections, h.connections);

@@ -41,6 +41,7 @@ impl Backend for FakeBackend {
         &self,
         _: SandboxRequest,
         _: BackendRecord,
+        _: Vec<std::os::fd::OwnedFd>,
     ) -> Result<Arc<dyn Sandbox>> {
         Ok(Arc::new(FakeSandbox))
     }
