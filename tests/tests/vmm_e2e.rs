@@ -202,7 +202,7 @@ fn qemu_killed_mid_run_ends_every_task_with_137_and_leaks_nothing(v: Version) {
 
 fn bad_input_gets_clear_errors_and_the_daemon_serves_on(v: Version) {
     let env = Env::start(v);
-    // A program the image does not have: runc in the guest says so.
+    // A program the image does not have: the guest's OCI runtime says so.
     let o = env.run_rm(VMM, "b1", &["/no/such/program"]);
     assert!(!o.ok(), "{o}");
     let text = format!("{}{}", o.stdout, o.stderr);

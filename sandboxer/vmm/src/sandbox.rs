@@ -28,7 +28,7 @@ use crate::Shared;
 
 /// How long an ordinary call may take in the guest.
 const CALL: Duration = Duration::from_secs(30);
-/// Create and Exec run runc in the guest (slow under TCG).
+/// Create and Exec run the OCI runtime in the guest (slow under TCG).
 const LAUNCH: Duration = Duration::from_secs(40);
 
 /// The containers of a sandbox: what each keeps on the host, shared by its
