@@ -912,11 +912,8 @@ state = '{d}/state'
         for f in self.netns_files() {
             out.push(format!("netns {}", f.display()));
         }
-        let marker = self.dir.to_string_lossy().into_owned();
-        for (pid, cmd) in crate::processes() {
-            if cmd.contains("qemu-system") && cmd.contains(&marker) {
-                out.push(format!("qemu {pid}"));
-            }
+        for pid in crate::env_processes(&self.dir, "qemu-system") {
+            out.push(format!("qemu {pid}"));
         }
         let cg = self.name();
         for pid in cgroup::procs(&cg) {

@@ -647,6 +647,51 @@ impl Env {
         self.ctr_ok(&["container", "rm", id]);
     }
 
+    /// `ctr task exec --exec-id EXEC_ID ID CMD…` with `input` on its stdin,
+    /// then EOF; its status and stdout. Panics if it does not end within a
+    /// minute.
+    pub fn exec_with_stdin(
+        &self,
+        exec_id: &str,
+        id: &str,
+        cmd: &[&str],
+        input: &[u8],
+    ) -> (std::process::ExitStatus, String) {
+        use std::io::{Read, Write};
+        let mut child = self
+            .ctr_command()
+            .args(["task", "exec", "--exec-id", exec_id, id])
+            .args(cmd)
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        let mut stdin = child.stdin.take().unwrap();
+        let mut stdout = child.stdout.take().unwrap();
+        let reader = std::thread::spawn(move || {
+            let mut out = String::new();
+            let _ = stdout.read_to_string(&mut out);
+            out
+        });
+        stdin.write_all(input).unwrap();
+        drop(stdin);
+        let deadline = Instant::now() + Duration::from_secs(60);
+        let status = loop {
+            if let Some(st) = child.try_wait().unwrap() {
+                break st;
+            }
+            if Instant::now() > deadline {
+                let _ = child.kill();
+                panic!(
+                    "ctr task exec {cmd:?} did not end after stdin EOF\n{}",
+                    self.log_tails()
+                );
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        };
+        (status, reader.join().unwrap())
+    }
+
     /// Live `containerd-shim-kuasar*` processes started by this env.
     pub fn shim_processes(&self) -> Vec<String> {
         let marker = self.dir.to_string_lossy().into_owned();
@@ -674,11 +719,8 @@ impl Env {
         for (root, id) in self.runc_states() {
             out.push(format!("runc state {}", root.join(id).display()));
         }
-        let marker = self.dir.to_string_lossy().into_owned();
-        for (pid, cmd) in processes() {
-            if cmd.contains("qemu-system") && cmd.contains(&marker) {
-                out.push(format!("qemu {pid}"));
-            }
+        for pid in env_processes(&self.dir, "qemu-system") {
+            out.push(format!("qemu {pid}"));
         }
         let cg = self.cgroup_name();
         for pid in cgroup::procs(&cg) {
@@ -952,17 +994,23 @@ pub(crate) fn walk(dir: &Path) -> Vec<PathBuf> {
     out
 }
 
+/// The processes of an env (their command line names `dir`) whose command
+/// line names `program`.
+pub fn env_processes(dir: &Path, program: &str) -> Vec<u32> {
+    let marker = dir.to_string_lossy().into_owned();
+    processes()
+        .into_iter()
+        .filter(|(_, cmd)| cmd.contains(program) && cmd.contains(&marker))
+        .map(|(pid, _)| pid)
+        .collect()
+}
+
 /// SIGKILLs the processes of an env whose command line names `program`,
 /// and waits (bounded) until they are gone.
 pub(crate) fn kill_env_processes(dir: &Path, program: &str) {
-    let marker = dir.to_string_lossy().into_owned();
     let deadline = Instant::now() + Duration::from_secs(10);
     loop {
-        let left: Vec<u32> = processes()
-            .into_iter()
-            .filter(|(_, cmd)| cmd.contains(program) && cmd.contains(&marker))
-            .map(|(pid, _)| pid)
-            .collect();
+        let left = env_processes(dir, program);
         if left.is_empty() || Instant::now() > deadline {
             return;
         }

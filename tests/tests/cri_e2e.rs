@@ -990,11 +990,7 @@ fn v2_1_proxy_mode_refuses_a_pod_wide_pid_namespace_clearly_and_leaves_nothing()
 
 /// qemu processes of a CRI env.
 fn qemu_count(env: &CriEnv) -> usize {
-    let marker = env.dir.to_string_lossy().into_owned();
-    kuasar_e2e::processes()
-        .into_iter()
-        .filter(|(_, cmd)| cmd.contains("qemu-system") && cmd.contains(&marker))
-        .count()
+    kuasar_e2e::env_processes(&env.dir, "qemu-system").len()
 }
 
 /// A pod through the `kuasar-vmm` handler: one VM holds all its

@@ -118,35 +118,9 @@ fn exec_with_and_without_terminal(v: Version) {
     );
     assert!(o.stdout.contains("tty-ok"), "{o}");
     // Stdin reaches an exec and its EOF ends it.
-    let mut cat = env.ctr_command();
-    cat.args(["task", "exec", "--exec-id", "e3", "x1", "cat"]);
-    let mut child = cat
-        .stdin(std::process::Stdio::piped())
-        .stdout(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut stdin = child.stdin.take().unwrap();
-    let mut stdout = child.stdout.take().unwrap();
-    let reader = std::thread::spawn(move || {
-        let mut out = String::new();
-        let _ = stdout.read_to_string(&mut out);
-        out
-    });
-    stdin.write_all(b"through stdin\n").unwrap();
-    drop(stdin);
-    let deadline = std::time::Instant::now() + Duration::from_secs(60);
-    let status = loop {
-        if let Some(st) = child.try_wait().unwrap() {
-            break st;
-        }
-        if std::time::Instant::now() > deadline {
-            let _ = child.kill();
-            panic!("ctr task exec cat did not end after stdin EOF");
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    };
+    let (status, out) = env.exec_with_stdin("e3", "x1", &["cat"], b"through stdin\n");
     assert!(status.success(), "{status:?}");
-    assert_eq!(reader.join().unwrap().trim(), "through stdin");
+    assert_eq!(out.trim(), "through stdin");
     env.remove("x1");
     env.assert_clean();
 }

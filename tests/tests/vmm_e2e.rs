@@ -5,8 +5,7 @@
 //! its own. Every test ends by checking that no qemu, mount, socket or
 //! state file is left.
 
-use std::io::{Read, Write};
-use std::process::{Command, Stdio};
+use std::process::Command;
 use std::time::{Duration, Instant};
 
 use kuasar_e2e::{guest_dir, run_cmd, Env, Version};
@@ -36,19 +35,10 @@ fn guest_release() -> String {
 
 /// qemu processes of this env.
 fn qemu_pids(env: &Env) -> Vec<i32> {
-    let marker = env.dir.to_string_lossy().into_owned();
-    let mut out = Vec::new();
-    for e in std::fs::read_dir("/proc").unwrap().flatten() {
-        let Ok(pid) = e.file_name().to_string_lossy().parse::<i32>() else {
-            continue;
-        };
-        let cmd = std::fs::read(e.path().join("cmdline")).unwrap_or_default();
-        let cmd = String::from_utf8_lossy(&cmd).replace('\0', " ");
-        if cmd.contains("qemu-system") && cmd.contains(&marker) {
-            out.push(pid);
-        }
-    }
-    out
+    kuasar_e2e::env_processes(&env.dir, "qemu-system")
+        .into_iter()
+        .map(|p| p as i32)
+        .collect()
 }
 
 fn the_guest_kernel_runs_the_container_with_output_and_exit_codes(v: Version) {
@@ -107,35 +97,9 @@ fn exec_with_and_without_terminal_stdin_and_kill(v: Version) {
     );
     assert!(o.stdout.contains("tty-ok"), "{o}");
     // Stdin reaches an exec in the guest and its EOF ends it.
-    let mut child = env
-        .ctr_command()
-        .args(["task", "exec", "--exec-id", "e3", "x1", "cat"])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut stdin = child.stdin.take().unwrap();
-    let mut stdout = child.stdout.take().unwrap();
-    let reader = std::thread::spawn(move || {
-        let mut out = String::new();
-        let _ = stdout.read_to_string(&mut out);
-        out
-    });
-    stdin.write_all(b"through stdin into the VM\n").unwrap();
-    drop(stdin);
-    let deadline = Instant::now() + Duration::from_secs(60);
-    let status = loop {
-        if let Some(st) = child.try_wait().unwrap() {
-            break st;
-        }
-        if Instant::now() > deadline {
-            let _ = child.kill();
-            panic!("exec cat did not end after stdin EOF\n{}", env.log_tails());
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    };
+    let (status, out) = env.exec_with_stdin("e3", "x1", &["cat"], b"through stdin into the VM\n");
     assert!(status.success(), "{status:?}");
-    assert_eq!(reader.join().unwrap().trim(), "through stdin into the VM");
+    assert_eq!(out.trim(), "through stdin into the VM");
     // Pids are the guest's; the init process is one of them.
     let ps = env.ctr_ok(&["task", "ps", "x1"]);
     assert!(ps.lines().count() >= 2, "{ps}");

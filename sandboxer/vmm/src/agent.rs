@@ -170,6 +170,14 @@ impl Agent {
         *self.describe.lock().unwrap() = Some(Box::new(describe));
     }
 
+    fn describe_vm(&self) -> Option<String> {
+        self.describe
+            .lock()
+            .unwrap()
+            .as_ref()
+            .map(|describe| describe())
+    }
+
     pub fn stream_id(&self) -> u64 {
         self.next_stream.fetch_add(1, Ordering::Relaxed)
     }
@@ -203,10 +211,7 @@ impl Agent {
             }
             Err(_) => {
                 self.state.lock().unwrap().pending.remove(&id);
-                let console = match &*self.describe.lock().unwrap() {
-                    Some(describe) => describe(),
-                    None => String::new(),
-                };
+                let console = self.describe_vm().unwrap_or_default();
                 Err(Error::DeadlineExceeded(format!(
                     "the guest agent did not answer within {timeout:?}; {console}"
                 )))
@@ -345,8 +350,8 @@ impl Agent {
     /// The channel ended: answers every waiting call and reports every
     /// live process killed.
     pub fn die(&self, reason: String) {
-        let reason = match &*self.describe.lock().unwrap() {
-            Some(describe) => format!("{reason}; {}", describe()),
+        let reason = match self.describe_vm() {
+            Some(vm) => format!("{reason}; {vm}"),
             None => reason,
         };
         let (pending, live) = {

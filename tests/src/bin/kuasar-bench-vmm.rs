@@ -9,7 +9,7 @@
 use std::time::{Duration, Instant};
 
 use kuasar_e2e::bench::{ms, percentile, print_table, pss_kb, Row};
-use kuasar_e2e::{processes, run_cmd, Env, Version, RUNC_V2};
+use kuasar_e2e::{env_processes, run_cmd, Env, Version, RUNC_V2};
 
 const VMM: &str = "io.containerd.kuasarvmm.v1";
 
@@ -123,14 +123,6 @@ fn parallel(env: &Env, runtime: &str, tag: &str, n: usize) -> f64 {
     wall
 }
 
-fn pids_matching(pred: impl Fn(&str) -> bool) -> Vec<u32> {
-    processes()
-        .into_iter()
-        .filter(|(_, c)| pred(c))
-        .map(|(p, _)| p)
-        .collect()
-}
-
 /// (sandboxer PSS, mean PSS per qemu / per runc-v2 shim) with `n` idle
 /// containers, in kB.
 fn idle_pss(env: &Env, runtime: &str, tag: &str, n: usize) -> (u64, u64) {
@@ -140,15 +132,15 @@ fn idle_pss(env: &Env, runtime: &str, tag: &str, n: usize) -> (u64, u64) {
     }
     // Let the guests settle (boot work done, caches warm).
     std::thread::sleep(Duration::from_secs(5));
-    let marker = env.dir.to_string_lossy().into_owned();
-    let per: Vec<u64> = if runtime == VMM {
-        pids_matching(|c| c.contains("qemu-system") && c.contains(&marker))
+    let program = if runtime == VMM {
+        "qemu-system"
     } else {
-        pids_matching(|c| c.contains("containerd-shim-runc-v2") && c.contains(&marker))
-    }
-    .into_iter()
-    .map(pss_kb)
-    .collect();
+        "containerd-shim-runc-v2"
+    };
+    let per: Vec<u64> = env_processes(&env.dir, program)
+        .into_iter()
+        .map(pss_kb)
+        .collect();
     let sandboxer = env.sandboxer_pid().map(pss_kb).unwrap_or(0);
     remove_all(env, &ids);
     let mean = if per.is_empty() {
@@ -198,9 +190,8 @@ fn main() {
     });
     let mut marginal = Vec::new();
     for &n in &o.idle {
-        let (r_sb, r_shim) = idle_pss(&env, RUNC_V2, "r", n);
+        let (_, r_shim) = idle_pss(&env, RUNC_V2, "r", n);
         let (k_sb, k_qemu) = idle_pss(&env, VMM, "k", n);
-        let _ = r_sb;
         rows.push(Row {
             metric: format!("PSS per container's process (runc-v2 shim / qemu), {n} idle"),
             runc: r_shim as f64 / 1024.0,
