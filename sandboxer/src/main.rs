@@ -18,6 +18,10 @@ struct Cli {
     /// The private socket the shims dial.
     #[arg(long)]
     listen: Option<PathBuf>,
+    /// Run the daemon alone, without the holder that keeps containerd's
+    /// connections open and restarts it if it crashes.
+    #[arg(long)]
+    no_holder: bool,
 }
 
 fn main() -> ExitCode {
@@ -26,6 +30,17 @@ fn main() -> ExitCode {
     let handover = std::env::var_os(kuasar_sandboxer::upgrade::HANDOVER_ENV).map(PathBuf::from);
     std::env::remove_var(kuasar_sandboxer::upgrade::HANDOVER_ENV);
     let cli = Cli::parse();
+    let is_daemon = handover.is_some()
+        || std::env::var_os(kuasar_sandboxer::fdstore::HOLDER_FD_ENV).is_some()
+        || cli.no_holder;
+    if !is_daemon {
+        // The holder starts this binary again as the daemon, with the same
+        // arguments, and starts it again if it dies.
+        return kuasar_sandboxer::holder::run(std::env::args_os().skip(1).collect());
+    }
+    // Descriptors the holder kept for a crashed predecessor; read while no
+    // other thread exists, since it edits the environment.
+    let (store, inherited) = kuasar_sandboxer::fdstore::FdStore::from_env();
     let explicit = cli.config.is_some();
     let path = cli.config.unwrap_or_else(|| DEFAULT_CONFIG.into());
     let mut config = match Config::load(&path, explicit) {
@@ -75,7 +90,9 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    let result = runtime.block_on(kuasar_sandboxer::run_with_handover(config, handover));
+    let result = runtime.block_on(kuasar_sandboxer::run_with_handover(
+        config, handover, store, inherited,
+    ));
     // Threads blocked on a client's FIFO must not hold the exit up.
     runtime.shutdown_timeout(std::time::Duration::from_secs(1));
     match result {

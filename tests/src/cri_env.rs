@@ -742,8 +742,27 @@ state = '{d}/state'
         self.start_containerd();
     }
 
-    pub fn sandboxer_pid(&self) -> Option<u32> {
+    pub fn holder_pid(&self) -> Option<u32> {
         self.sandboxer.as_ref().map(|c| c.id())
+    }
+
+    /// The daemon (the holder's child).
+    pub fn sandboxer_pid(&self) -> Option<u32> {
+        self.holder_pid().and_then(crate::daemon_of)
+    }
+
+    /// The holder and the daemon: what the node pays for.
+    pub fn sandboxer_pids(&self) -> Vec<u32> {
+        self.holder_pid()
+            .into_iter()
+            .chain(self.sandboxer_pid())
+            .collect()
+    }
+
+    /// Kills the daemon with SIGKILL; returns once it was started again
+    /// and took over.
+    pub fn crash_sandboxer(&mut self) -> u32 {
+        crate::crash_daemon(&self.dir, self.holder_pid().expect("sandboxer not running"))
     }
 
     pub fn ctr(&self, args: &[&str]) -> crate::Out {

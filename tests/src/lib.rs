@@ -399,8 +399,29 @@ impl Env {
         )
     }
 
-    pub fn sandboxer_pid(&self) -> Option<u32> {
+    /// The holder: the process started as `kuasar-sandboxer`, which keeps
+    /// the daemon's descriptors and restarts it after a crash.
+    pub fn holder_pid(&self) -> Option<u32> {
         self.sandboxer.as_ref().map(|c| c.id())
+    }
+
+    /// The daemon (the holder's child).
+    pub fn sandboxer_pid(&self) -> Option<u32> {
+        self.holder_pid().and_then(daemon_of)
+    }
+
+    /// The holder and the daemon: what the node pays for.
+    pub fn sandboxer_pids(&self) -> Vec<u32> {
+        self.holder_pid()
+            .into_iter()
+            .chain(self.sandboxer_pid())
+            .collect()
+    }
+
+    /// Kills the daemon with SIGKILL and waits until the holder has
+    /// started it again and it has taken over; returns the new pid.
+    pub fn crash_sandboxer(&mut self) -> u32 {
+        crash_daemon(&self.dir, self.holder_pid().expect("sandboxer not running"))
     }
 
     /// Live-upgrades the sandboxer (SIGUSR2: it re-executes itself) and
@@ -408,6 +429,7 @@ impl Env {
     /// socket. Panics if its process ended.
     pub fn upgrade_sandboxer(&mut self) {
         let pid = self.sandboxer_pid().expect("sandboxer not running");
+        let holder = self.holder_pid();
         let log = self.dir.join("sandboxer.log");
         let took_over = || {
             std::fs::read_to_string(&log)
@@ -444,6 +466,7 @@ impl Env {
             },
         );
         assert_eq!(self.sandboxer_pid(), Some(pid));
+        assert_eq!(self.holder_pid(), holder);
     }
 
     pub fn start_containerd(&mut self) {
@@ -466,9 +489,17 @@ impl Env {
     }
 
     pub fn ctr_command(&self) -> Command {
-        let mut c = Command::new(self.version.bin_dir().join("ctr"));
-        c.arg("--address").arg(self.grpc_socket());
-        c
+        self.ctr_client().command()
+    }
+
+    /// A `ctr` of this env that another thread can drive while this one
+    /// restarts or upgrades daemons.
+    pub fn ctr_client(&self) -> CtrClient {
+        CtrClient {
+            ctr: self.version.bin_dir().join("ctr"),
+            address: self.grpc_socket(),
+            cgroup: self.cgroup_name(),
+        }
     }
 
     pub fn ctr_timeout(&self, args: &[&str], timeout: Duration) -> Out {
@@ -834,6 +865,68 @@ pub(crate) fn spawn_sandboxer(dir: &Path) -> Child {
         std::os::unix::net::UnixStream::connect(&sock).is_ok()
     });
     child
+}
+
+/// `ctr` against one env's containerd, detached from the [`Env`].
+#[derive(Clone, Debug)]
+pub struct CtrClient {
+    ctr: PathBuf,
+    address: PathBuf,
+    cgroup: String,
+}
+
+impl CtrClient {
+    pub fn command(&self) -> Command {
+        let mut c = Command::new(&self.ctr);
+        c.arg("--address").arg(&self.address);
+        c
+    }
+
+    /// Runs `ctr ARGS` with a one-minute bound.
+    pub fn run(&self, args: &[&str]) -> Out {
+        run_cmd(self.command().args(args), Duration::from_secs(60))
+    }
+
+    /// `ctr run FLAGS` of the busybox image through kuasar's runc runtime,
+    /// in the env's cgroup.
+    pub fn run_kuasar(&self, flags: &[&str], id: &str, cmd: &[&str]) -> Out {
+        let cgroup = format!("/{}/{id}", self.cgroup);
+        let mut args = vec!["run"];
+        args.extend(flags);
+        args.extend(["--runtime", KUASAR_RUNC, "--cgroup", &cgroup, IMAGE, id]);
+        args.extend(cmd);
+        self.run(&args)
+    }
+}
+
+/// The daemon a holder runs: its child running the same binary.
+pub fn daemon_of(holder: u32) -> Option<u32> {
+    let children =
+        std::fs::read_to_string(format!("/proc/{holder}/task/{holder}/children")).ok()?;
+    children
+        .split_whitespace()
+        .filter_map(|p| p.parse::<u32>().ok())
+        .find(|&p| cmdline(p).contains("kuasar-sandboxer"))
+}
+
+/// SIGKILLs the daemon under `holder` (env `dir`) and waits until the
+/// holder has started it again and it has taken over; returns its pid.
+pub(crate) fn crash_daemon(dir: &Path, holder: u32) -> u32 {
+    let log = dir.join("sandboxer.log");
+    let ready = || {
+        std::fs::read_to_string(&log)
+            .unwrap_or_default()
+            .matches("daemon ready after")
+            .count()
+    };
+    let before = ready();
+    let old = daemon_of(holder).expect("no daemon under the holder");
+    // SAFETY: plain kill(2).
+    assert_eq!(unsafe { libc::kill(old as i32, libc::SIGKILL) }, 0);
+    wait_for("the restarted sandboxer", Duration::from_secs(30), || {
+        ready() > before && daemon_of(holder).is_some_and(|p| p != old)
+    });
+    daemon_of(holder).unwrap()
 }
 
 /// Where [`write_shim_wrappers`] puts its wrappers (first in containerd's

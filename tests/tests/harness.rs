@@ -33,8 +33,8 @@ fn env_dropped_by_a_panicking_test_kills_and_removes_everything() {
             .skip(1)
             .filter_map(|l| l.split_whitespace().nth(1)?.parse().ok())
             .collect();
-        pids.extend(env.sandboxer_pid());
-        assert_eq!(pids.len(), 3, "two containers and the sandboxer");
+        pids.extend(env.sandboxer_pids());
+        assert_eq!(pids.len(), 4, "two containers, the holder and the daemon");
         *seen.lock().unwrap() = Some((env.dir.clone(), env.cgroup_name(), pids));
         panic!("deliberate panic with containers running");
     });

@@ -44,6 +44,9 @@ pub struct Capabilities {
     /// Its workloads live outside the daemon's memory, so a re-executed
     /// daemon can take them over (live upgrade).
     pub survives_reexec: bool,
+    /// Its workloads can be taken over by a daemon restarted after a crash
+    /// (from persisted records and the descriptors the holder kept).
+    pub survives_crash: bool,
 }
 
 /// What a backend needs to create a sandbox.
@@ -176,6 +179,20 @@ pub trait Backend: Send + Sync {
         record: BackendRecord,
         fds: Vec<OwnedFd>,
     ) -> Result<Arc<dyn Sandbox>>;
+
+    /// Releases what a sandbox of a crashed predecessor holds, when its
+    /// workloads cannot be taken over (`survives_crash` false): processes,
+    /// mounts, files.
+    async fn discard_sandbox(&self, _req: SandboxRequest, _record: BackendRecord) -> Result<()> {
+        Ok(())
+    }
+
+    /// Removes what the backend holds of containers no record names (a
+    /// crash between making one and recording it). `known`: every
+    /// (namespace, id) recorded.
+    async fn reconcile(&self, _known: &[(String, String)]) -> Result<()> {
+        Ok(())
+    }
 
     /// Removes whatever is left of a container the daemon no longer tracks
     /// (containerd's `shim delete` after a lost connection or a restart),

@@ -2,7 +2,7 @@
 //! by (namespace, id), and the two requests of the private API.
 
 use std::collections::{HashMap, HashSet};
-use std::os::fd::{AsRawFd, OwnedFd};
+use std::os::fd::{AsFd, AsRawFd, OwnedFd};
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::AtomicUsize;
@@ -12,10 +12,11 @@ use kuasar_protocol::{wire, Kind};
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
-use crate::backend::{self, Backend, BackendRecord, ProcessIoHandover, SandboxRequest};
+use crate::backend::{self, Backend, ProcessIoHandover, SandboxRequest};
 use crate::config::Config;
 use crate::error::{io_context, Error, Result};
 use crate::events::Publisher;
+use crate::fdstore::FdStore;
 use crate::ids;
 use crate::rpc;
 use crate::rpc::server::{ConnHandover, ConnScope, Registry};
@@ -56,6 +57,22 @@ pub struct Sandbox {
     /// Serialises create, start and stop.
     transition: tokio::sync::Mutex<()>,
     exited: watch::Sender<Option<ExitInfo>>,
+    state: StateStore,
+    /// Forgotten by the daemon: no record is written any more.
+    released: std::sync::atomic::AtomicBool,
+}
+
+/// The descriptor-store name of a process's parked stderr.
+pub fn stderr_name(namespace: &str, id: &str, exec_id: &str) -> String {
+    match exec_id {
+        "" => format!("e/{namespace}/{id}"),
+        e => format!("e/{namespace}/{id}/{e}"),
+    }
+}
+
+/// The descriptor-store name of a sandbox's listening socket.
+pub fn listener_name(namespace: &str, id: &str) -> String {
+    format!("l/{namespace}/{id}")
 }
 
 /// Where a sandbox stands.
@@ -76,18 +93,6 @@ pub struct SandboxView {
     pub pid: u32,
     pub created_at: SystemTime,
     pub exit: Option<ExitInfo>,
-}
-
-#[derive(serde::Serialize)]
-struct SandboxRecord<'a> {
-    namespace: &'a str,
-    id: &'a str,
-    kind: &'a str,
-    address: &'a str,
-    ttrpc_address: String,
-    members: Vec<String>,
-    explicit: bool,
-    backend: BackendRecord,
 }
 
 impl Sandbox {
@@ -152,10 +157,13 @@ impl Sandbox {
                 }
                 let b = daemon.backend(self.kind)?.create_sandbox(req).await?;
                 let pid = b.start().await?;
-                let mut life = self.life.lock().unwrap();
-                life.backend = Some(b.clone());
-                life.ready = true;
-                life.pid = pid;
+                {
+                    let mut life = self.life.lock().unwrap();
+                    life.backend = Some(b.clone());
+                    life.ready = true;
+                    life.pid = pid;
+                }
+                self.persist();
                 Ok(b)
             }
         }
@@ -172,10 +180,13 @@ impl Sandbox {
             )));
         }
         let b = backend.create_sandbox(req).await?;
-        let mut life = self.life.lock().unwrap();
-        life.backend = Some(b);
-        life.explicit = true;
-        life.created_at = SystemTime::now();
+        {
+            let mut life = self.life.lock().unwrap();
+            life.backend = Some(b);
+            life.explicit = true;
+            life.created_at = SystemTime::now();
+        }
+        self.persist();
         Ok(())
     }
 
@@ -195,9 +206,12 @@ impl Sandbox {
             return Ok(self.life.lock().unwrap().pid);
         }
         let pid = backend.start().await?;
-        let mut life = self.life.lock().unwrap();
-        life.ready = true;
-        life.pid = pid;
+        {
+            let mut life = self.life.lock().unwrap();
+            life.ready = true;
+            life.pid = pid;
+        }
+        self.persist();
         Ok(pid)
     }
 
@@ -216,6 +230,7 @@ impl Sandbox {
             status: 0,
             at: SystemTime::now(),
         }));
+        self.persist();
         Ok(())
     }
 
@@ -246,16 +261,36 @@ impl Sandbox {
         }
     }
 
-    fn record(&self) -> SandboxRecord<'_> {
-        SandboxRecord {
-            namespace: &self.namespace,
-            id: &self.id,
-            kind: self.kind.as_str(),
-            address: &self.address,
+    /// What is persisted of the sandbox: what a live upgrade hands over,
+    /// without descriptors (a restart after a crash takes those from the
+    /// holder).
+    fn record(&self) -> SandboxHandover {
+        SandboxHandover {
+            namespace: self.namespace.clone(),
+            id: self.id.clone(),
+            kind: self.kind.as_str().into(),
+            socket: self.socket.clone(),
+            address: self.address.clone(),
             ttrpc_address: self.ttrpc_address(),
+            grpc_address: self.grpc_address(),
             members: self.members.lock().unwrap().iter().cloned().collect(),
-            explicit: self.is_explicit(),
             backend: self.backend().map(|b| b.record()).unwrap_or_default(),
+            state: self.handover_state(),
+            fd: -1,
+            fds: Vec::new(),
+        }
+    }
+
+    /// Writes the sandbox's record (after every change of its lifecycle).
+    pub fn persist(&self) {
+        if self.released.load(std::sync::atomic::Ordering::SeqCst) {
+            return;
+        }
+        if let Err(e) = self
+            .state
+            .save(Record::Sandbox, &self.namespace, &self.id, &self.record())
+        {
+            tracing::warn!("persisting sandbox {}: {e}", self.id);
         }
     }
 }
@@ -265,7 +300,7 @@ pub struct Daemon {
     pub reaper: Arc<Reaper>,
     pub publisher: Arc<Publisher>,
     backends: HashMap<Kind, Arc<dyn Backend>>,
-    store: StateStore,
+    state: StateStore,
     socket_dir: PathBuf,
     sandboxes: Mutex<HashMap<Key, Arc<Sandbox>>>,
     /// Held while a sandbox is made, so that one id gets one sandbox.
@@ -279,6 +314,11 @@ pub struct Daemon {
     pub conns: Arc<Registry>,
     /// Private-API requests being handled, which a live upgrade waits for.
     pub control_calls: AtomicUsize,
+    /// Where listeners and connections are parked to outlive a crash.
+    pub store: Arc<FdStore>,
+    allowed_uids: Arc<Vec<u32>>,
+    /// stderr write ends parked in the holder (see `park_stderr`).
+    parked: Mutex<HashSet<String>>,
 }
 
 fn key(namespace: &str, id: &str) -> Key {
@@ -302,6 +342,16 @@ impl Daemon {
         reaper: Arc<Reaper>,
         backends: Vec<Arc<dyn Backend>>,
     ) -> Result<Arc<Daemon>> {
+        Daemon::with_store(config, reaper, backends, Arc::new(FdStore::none()))
+    }
+
+    /// A daemon that parks its listeners and connections in `store`.
+    pub fn with_store(
+        config: Config,
+        reaper: Arc<Reaper>,
+        backends: Vec<Arc<dyn Backend>>,
+        store: Arc<FdStore>,
+    ) -> Result<Arc<Daemon>> {
         let root = config.root.clone();
         let socket_dir = root.join("t");
         for dir in [&root, &socket_dir] {
@@ -318,7 +368,10 @@ impl Daemon {
             )));
         }
         Ok(Arc::new(Daemon {
-            store: StateStore::new(root.join("state")),
+            allowed_uids: Arc::new(config.allowed_uids.clone()),
+            store,
+            parked: Mutex::default(),
+            state: StateStore::new(root.join("state")),
             socket_dir,
             config,
             reaper,
@@ -386,7 +439,7 @@ impl Daemon {
             return;
         }
         if let Err(e) = self
-            .store
+            .state
             .save(Record::Task, &task.namespace, &task.id, &task.record())
         {
             tracing::warn!("persisting task {}: {e}", task.id);
@@ -400,7 +453,7 @@ impl Daemon {
             Some(t) => {
                 let mut removed = t.persisted.lock().unwrap();
                 *removed = true;
-                self.store.remove(Record::Task, namespace, id);
+                self.state.remove(Record::Task, namespace, id);
                 let view = t.init.view();
                 let now = std::time::SystemTime::now();
                 let tombstone = wire::DeleteResponse {
@@ -412,7 +465,7 @@ impl Daemon {
                 deleted.retain(|_, (_, at)| at.elapsed() < DELETED_TTL);
                 deleted.insert(key(namespace, id), (tombstone, std::time::Instant::now()));
             }
-            None => self.store.remove(Record::Task, namespace, id),
+            None => self.state.remove(Record::Task, namespace, id),
         }
         let sandbox_id = task.as_ref().map(|t| t.sandbox_id.clone());
         self.leave_sandbox(namespace, id, sandbox_id.as_deref());
@@ -420,14 +473,7 @@ impl Daemon {
     }
 
     fn save_sandbox(&self, sandbox: &Sandbox) {
-        if let Err(e) = self.store.save(
-            Record::Sandbox,
-            &sandbox.namespace,
-            &sandbox.id,
-            &sandbox.record(),
-        ) {
-            tracing::warn!("persisting sandbox {}: {e}", sandbox.id);
-        }
+        sandbox.persist();
     }
 
     /// Removes `id` from its sandbox; the last one out closes the socket.
@@ -545,6 +591,10 @@ impl Daemon {
             let _ = std::fs::remove_file(&sandbox.socket);
             return Err(e);
         }
+        self.store.store(
+            &listener_name(&sandbox.namespace, &sandbox.id),
+            &[sandbox.listen_fd.as_fd()],
+        );
         self.sandboxes
             .lock()
             .unwrap()
@@ -558,7 +608,7 @@ impl Daemon {
             namespace: namespace.into(),
             id: id.into(),
             pod: None,
-            state_dir: self.store.sandbox_dir(namespace, id),
+            state_dir: self.state.sandbox_dir(namespace, id),
             resources: Default::default(),
         }
     }
@@ -598,6 +648,8 @@ impl Daemon {
             }),
             transition: tokio::sync::Mutex::new(()),
             exited: watch::channel(None).0,
+            state: self.state.clone(),
+            released: Default::default(),
         }))
     }
 
@@ -635,8 +687,13 @@ impl Daemon {
         if let Some(h) = sandbox.listener.lock().unwrap().take() {
             h.abort();
         }
-        let _ = std::fs::remove_file(&sandbox.socket);
+        sandbox
+            .released
+            .store(true, std::sync::atomic::Ordering::SeqCst);
         self.store
+            .remove(&listener_name(&sandbox.namespace, &sandbox.id));
+        let _ = std::fs::remove_file(&sandbox.socket);
+        self.state
             .remove(Record::Sandbox, &sandbox.namespace, &sandbox.id);
         tracing::info!(namespace = %sandbox.namespace, sandbox = %sandbox.id, "sandbox released");
     }
@@ -659,6 +716,8 @@ impl Daemon {
         let scope = ConnScope {
             registry: self.conns.clone(),
             sandbox: key(&sandbox.namespace, &sandbox.id),
+            store: self.store.clone(),
+            allowed_uids: self.allowed_uids.clone(),
         };
         let handler = self.handler(sandbox);
         *sandbox.listener.lock().unwrap() = Some(tokio::spawn(rpc::server::serve_listener(
@@ -778,6 +837,8 @@ impl Daemon {
                 at: crate::task::from_nanos(at),
             }))
             .0,
+            state: self.state.clone(),
+            released: Default::default(),
         });
         self.start_listener(&sandbox)?;
         self.sandboxes
@@ -828,8 +889,136 @@ impl Daemon {
             )));
         }
         let sandbox = self.sandbox(&record.namespace, &record.sandbox_id)?;
-        let task = crate::task::service::restore_task(self, &sandbox, record, io).await?;
+        let task = crate::task::service::restore_task(self, &sandbox, record, io, None).await?;
         self.insert_task(task)
+    }
+
+    /// Takes over a task of a crashed predecessor; `lost` says why its
+    /// workload is gone, if it is, and `parked` are the stderr write ends
+    /// kept for its processes (by exec id, empty for init).
+    pub async fn adopt_task_after_crash(
+        self: &Arc<Self>,
+        record: TaskRecord,
+        lost: Option<&str>,
+        parked: HashMap<String, OwnedFd>,
+    ) -> Result<()> {
+        let sandbox = self.sandbox(&record.namespace, &record.sandbox_id)?;
+        let (ns, id) = (record.namespace.clone(), record.id.clone());
+        let execs: Vec<String> = parked.keys().cloned().collect();
+        let task = crate::task::service::restore_task(
+            self,
+            &sandbox,
+            record,
+            Vec::new(),
+            lost.map(|l| (l, parked)),
+        )
+        .await?;
+        for exec in execs {
+            self.store.remove(&stderr_name(&ns, &id, &exec));
+        }
+        self.insert_task(task)
+    }
+
+    /// For a process whose workload lives in this daemon's memory, keeps a
+    /// write end of its stderr FIFO in the holder while it runs, so that
+    /// after a crash the restarted daemon can say there why it ended (the
+    /// reader has not seen the end of the stream yet).
+    pub fn park_stderr(&self, kind: Kind, ns: &str, id: &str, exec_id: &str, stderr: &str) {
+        if !self.store.held()
+            || self
+                .backends
+                .get(&kind)
+                .is_some_and(|b| b.capabilities().survives_crash)
+            || stderr.is_empty()
+            || stderr.contains("://") && !stderr.starts_with("fifo://")
+        {
+            return;
+        }
+        use std::os::unix::fs::OpenOptionsExt;
+        let path = stderr.strip_prefix("fifo://").unwrap_or(stderr);
+        let Ok(f) = std::fs::OpenOptions::new()
+            .write(true)
+            .custom_flags(libc::O_NONBLOCK)
+            .open(path)
+        else {
+            return;
+        };
+        let name = stderr_name(ns, id, exec_id);
+        self.store.store(&name, &[f.as_fd()]);
+        self.parked.lock().unwrap().insert(name);
+    }
+
+    /// The process ended (or never started): its stderr is let go.
+    pub fn unpark_stderr(&self, ns: &str, id: &str, exec_id: &str) {
+        let name = stderr_name(ns, id, exec_id);
+        if self.parked.lock().unwrap().remove(&name) {
+            self.store.remove(&name);
+        }
+    }
+
+    /// The persisted records.
+    pub fn state(&self) -> &StateStore {
+        &self.state
+    }
+
+    pub fn backends(&self) -> Vec<Arc<dyn Backend>> {
+        self.backends.values().cloned().collect()
+    }
+
+    /// The backend of a kind named in a record.
+    pub fn backend_named(&self, kind: &str) -> Result<Arc<dyn Backend>> {
+        self.backend(self.parse_kind(kind)?)
+    }
+
+    /// Whether a crashed daemon's workloads of `kind` can be taken over.
+    pub fn survives_crash(&self, kind: &str) -> bool {
+        self.backend_named(kind)
+            .is_ok_and(|b| b.capabilities().survives_crash)
+    }
+
+    /// Takes over a sandbox of a crashed predecessor whose listening socket
+    /// no holder kept: its socket is bound again at the same path (the
+    /// address containerd has in the bundle's `address` file).
+    pub async fn reopen_sandbox(self: &Arc<Self>, mut h: SandboxHandover) -> Result<()> {
+        if h.socket.parent() != Some(self.socket_dir.as_path()) {
+            return Err(Error::InvalidArgument(format!(
+                "sandbox record names socket {} outside {}",
+                h.socket.display(),
+                self.socket_dir.display()
+            )));
+        }
+        let _ = std::fs::remove_file(&h.socket);
+        let listener = std::os::unix::net::UnixListener::bind(&h.socket).map_err(io_context(
+            format!("binding task socket {}", h.socket.display()),
+        ))?;
+        std::fs::set_permissions(&h.socket, std::fs::Permissions::from_mode(0o600))
+            .map_err(io_context(format!("securing {}", h.socket.display())))?;
+        let fd = OwnedFd::from(listener);
+        self.store
+            .store(&listener_name(&h.namespace, &h.id), &[fd.as_fd()]);
+        h.fd = -1;
+        self.adopt_sandbox(h, fd, Vec::new()).await
+    }
+
+    /// Removes task sockets no sandbox serves; returns how many.
+    pub fn remove_stale_sockets(&self) -> usize {
+        let served: HashSet<PathBuf> = self
+            .sandboxes
+            .lock()
+            .unwrap()
+            .values()
+            .map(|s| s.socket.clone())
+            .collect();
+        let mut removed = 0;
+        if let Ok(entries) = std::fs::read_dir(&self.socket_dir) {
+            for e in entries.flatten() {
+                let path = e.path();
+                if !served.contains(&path) && std::fs::remove_file(&path).is_ok() {
+                    removed += 1;
+                }
+            }
+        }
+        removed
     }
 
     /// The stdio plumbing of every task's processes, duplicated.
@@ -849,8 +1038,14 @@ impl Daemon {
     pub fn adopt_connection(self: &Arc<Self>, conn: ConnHandover) -> Result<()> {
         let sandbox = self.sandbox(&conn.sandbox.0, &conn.sandbox.1)?;
         let handler = self.handler(&sandbox);
-        rpc::server::adopt_connection(conn, handler, self.conns.clone())
-            .map_err(io_context("serving a handed-over connection"))
+        rpc::server::adopt_connection(
+            conn,
+            handler,
+            self.conns.clone(),
+            self.store.clone(),
+            self.allowed_uids.clone(),
+        )
+        .map_err(io_context("serving a handed-over connection"))
     }
 
     /// `shim delete`: containerd has given up on this task (a dropped

@@ -56,6 +56,34 @@ impl StateStore {
             .map_err(io_context(format!("writing {}", path.display())))
     }
 
+    /// Every record of `record`'s kind, as (namespace, id, contents); a
+    /// file that cannot be read is skipped with a warning.
+    pub fn list(&self, record: Record) -> Vec<(String, String, Vec<u8>)> {
+        let mut out = Vec::new();
+        let Ok(namespaces) = std::fs::read_dir(&self.dir) else {
+            return out;
+        };
+        for ns in namespaces.flatten() {
+            let Some(namespace) = ns.file_name().to_str().map(String::from) else {
+                continue;
+            };
+            let Ok(files) = std::fs::read_dir(ns.path().join(record.dir())) else {
+                continue;
+            };
+            for f in files.flatten() {
+                let name = f.file_name();
+                let Some(id) = name.to_str().and_then(|n| n.strip_suffix(".json")) else {
+                    continue;
+                };
+                match std::fs::read(f.path()) {
+                    Ok(data) => out.push((namespace.clone(), id.to_string(), data)),
+                    Err(e) => tracing::warn!("reading {}: {e}", f.path().display()),
+                }
+            }
+        }
+        out
+    }
+
     /// A directory a backend may keep a sandbox's files in (created by the
     /// backend when it needs one; removed with the sandbox).
     pub fn sandbox_dir(&self, namespace: &str, id: &str) -> PathBuf {

@@ -104,6 +104,12 @@ pub struct ConnRecord {
     /// Bytes of an oversized message still to be skipped.
     pub skip: u64,
     pub pending: Vec<PendingRecord>,
+    /// Its name in the descriptor store and its journal (see
+    /// `rpc/journal.rs`), when a holder keeps it.
+    #[serde(default)]
+    pub name: String,
+    #[serde(default)]
+    pub journal_fd: Option<RawFd>,
 }
 
 /// The stdio plumbing of one process: descriptors its copies use.
@@ -146,6 +152,7 @@ impl Handover {
         fds.extend(self.sandboxes.iter().map(|s| s.fd));
         fds.extend(self.sandboxes.iter().flat_map(|s| s.fds.iter().copied()));
         fds.extend(self.connections.iter().map(|c| c.fd));
+        fds.extend(self.connections.iter().filter_map(|c| c.journal_fd));
         fds.extend(self.io.iter().flat_map(|i| i.fds()));
         fds
     }
@@ -195,14 +202,14 @@ fn cstring(b: &[u8]) -> Result<CString> {
 }
 
 /// Re-executes this binary with the same argv; returns only on failure.
-fn reexec(handover: &Path) -> Error {
+fn reexec(handover: &Path, holder: Option<RawFd>) -> Error {
     let result = (|| -> Result<std::convert::Infallible> {
         let exe = cstring(b"/proc/self/exe")?;
         let argv = std::env::args_os()
             .map(|a| cstring(a.as_bytes()))
             .collect::<Result<Vec<_>>>()?;
         let mut env = std::env::vars_os()
-            .filter(|(k, _)| k != HANDOVER_ENV)
+            .filter(|(k, _)| k != HANDOVER_ENV && k != crate::fdstore::HOLDER_FD_ENV)
             .map(|(k, v)| {
                 let mut kv = k.as_bytes().to_vec();
                 kv.push(b'=');
@@ -213,6 +220,11 @@ fn reexec(handover: &Path) -> Error {
         let mut var = format!("{HANDOVER_ENV}=").into_bytes();
         var.extend_from_slice(handover.as_os_str().as_bytes());
         env.push(cstring(&var)?);
+        if let Some(fd) = holder {
+            env.push(cstring(
+                format!("{}={fd}", crate::fdstore::HOLDER_FD_ENV).as_bytes(),
+            )?);
+        }
         // A second SIGUSR2 between execve and the new process installing its
         // handler would kill the daemon: ignored dispositions survive execve.
         // SAFETY: sigaction with valid pointers; the old action is restored
@@ -317,11 +329,17 @@ pub async fn upgrade(
                         request: to_hex(p),
                     })
                     .collect(),
+                name: c.name.clone(),
+                journal_fd: c.journal.as_ref().map(|j| j.fd().as_raw_fd()),
             })
             .collect(),
     };
     let path = handover_path(daemon);
-    let fds = handover.fds();
+    let mut fds = handover.fds();
+    // The holder's socket goes on to the new image (named in its
+    // environment, taken by `FdStore::from_env`).
+    let holder = daemon.store.raw_fd();
+    fds.extend(holder);
     let err = match write_handover(&path, &handover) {
         Ok(()) => {
             let cleared = fds.iter().try_for_each(|&fd| set_cloexec(fd, false));
@@ -333,7 +351,7 @@ pub async fn upgrade(
                         connections = handover.connections.len(),
                         "live upgrade: re-executing"
                     );
-                    reexec(&path)
+                    reexec(&path, holder)
                 }
                 Err(e) => e,
             }
@@ -447,19 +465,34 @@ pub async fn adopt(daemon: &Arc<Daemon>, path: &Path) -> Result<OwnedFd> {
     for c in handover.connections {
         let adopted = (|| {
             let fd = take_fd(c.fd, &mut seen)?;
-            let mut pending = Vec::with_capacity(c.pending.len());
-            for p in &c.pending {
-                pending.push((p.stream_id, from_hex(&p.request)?));
-            }
-            daemon.adopt_connection(ConnHandover {
-                fd,
-                sandbox: (c.namespace.clone(), c.sandbox.clone()),
-                frames: FrameBuf {
-                    buf: from_hex(&c.buffered)?,
-                    skip: c.skip,
-                },
-                pending,
-            })
+            let frames = FrameBuf {
+                buf: from_hex(&c.buffered)?,
+                skip: c.skip,
+            };
+            let sandbox = (c.namespace.clone(), c.sandbox.clone());
+            let conn = match c.journal_fd {
+                Some(j) => {
+                    let journal = take_fd(j, &mut seen)?;
+                    ConnHandover::from_journal(fd, journal, sandbox, c.name.clone(), Some(frames))
+                        .map_err(io_context("reading a connection's journal"))?
+                }
+                None => {
+                    let mut pending = Vec::with_capacity(c.pending.len());
+                    for p in &c.pending {
+                        pending.push((p.stream_id, from_hex(&p.request)?));
+                    }
+                    ConnHandover {
+                        fd,
+                        sandbox,
+                        frames,
+                        pending,
+                        replies: Vec::new(),
+                        name: c.name.clone(),
+                        journal: None,
+                    }
+                }
+            };
+            daemon.adopt_connection(conn)
         })();
         if let Err(e) = adopted {
             tracing::error!(sandbox = %c.sandbox, "task connection not taken over: {e}");
@@ -542,6 +575,8 @@ mod tests {
                     stream_id: 9,
                     request: to_hex(b"wait request"),
                 }],
+                name: "c/3/ns/pod".into(),
+                journal_fd: Some(11),
             }],
             io: vec![IoRecord {
                 namespace: "ns".into(),
@@ -553,7 +588,7 @@ mod tests {
         };
         write_handover(&path, &h).unwrap();
         let got = read_handover(&path).unwrap();
-        assert_eq!(got.fds(), vec![3, 4, 9, 10, 5, 6, 7]);
+        assert_eq!(got.fds(), vec![3, 4, 9, 10, 5, 11, 6, 7]);
         assert_eq!(got.io, h.io);
         assert_eq!(got.sandboxes, h.sandboxes);
         assert_eq!(got.connections, h.connections);

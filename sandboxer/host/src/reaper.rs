@@ -74,7 +74,9 @@ impl Reaper {
         }
     }
 
-    fn deliver(&self, pid: i32, code: ExitCode) {
+    /// Hands `pid`'s exit to its subscriber (or keeps it for a late one):
+    /// from `reap`, or from the holder for orphans of a crashed daemon.
+    pub fn deliver(&self, pid: i32, code: ExitCode) {
         let mut st = self.state.lock().unwrap();
         match st.waiters.remove(&pid) {
             Some(tx) => {
@@ -87,6 +89,48 @@ impl Reaper {
                 st.unclaimed.insert(pid, (code, now));
             }
         }
+    }
+
+    /// Watches a process that is not this daemon's child (it was a crashed
+    /// predecessor's; the holder reaps it and reports its exit status). If
+    /// it ends and no status has come for `grace`, the subscriber gets
+    /// `unknown`: a dead process is never waited on forever.
+    pub fn watch_foreign(self: &Arc<Self>, pid: i32, grace: Duration, unknown: ExitCode) {
+        // SAFETY: pidfd_open takes a pid and flags, and returns a new fd.
+        let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid, 0) };
+        let reaper = self.clone();
+        let pidfd = (fd >= 0).then(|| {
+            // SAFETY: pidfd_open returned a descriptor owned by no one else.
+            unsafe { <std::os::fd::OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(fd as i32) }
+        });
+        tokio::spawn(async move {
+            if let Some(pidfd) = pidfd {
+                // Readable once the process has ended.
+                // SAFETY: the OwnedFd is moved in and stays open, the same
+                // descriptor, for as long as the AsyncFd lives.
+                let registered = unsafe {
+                    tokio::io::unix::AsyncFd::register_with_interest(
+                        pidfd,
+                        tokio::io::Interest::READABLE,
+                    )
+                };
+                match registered {
+                    Ok(afd) => {
+                        let _ = afd.readable().await;
+                    }
+                    Err(e) => tracing::warn!(pid, "watching a process: {e}"),
+                }
+            }
+            tokio::time::sleep(grace).await;
+            let waiter = reaper.state.lock().unwrap().waiters.remove(&pid);
+            if let Some(tx) = waiter {
+                tracing::warn!(
+                    pid,
+                    "a process of a crashed predecessor ended with no status known"
+                );
+                let _ = tx.send(unknown);
+            }
+        });
     }
 
     /// Reaps on every SIGCHLD, forever.

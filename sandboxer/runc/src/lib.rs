@@ -90,6 +90,7 @@ impl Backend for Runc {
         // Containers are runc's processes; a re-executed daemon adopts them.
         Capabilities {
             survives_reexec: true,
+            survives_crash: true,
         }
     }
 
@@ -104,6 +105,34 @@ impl Backend for Runc {
         _fds: Vec<std::os::fd::OwnedFd>,
     ) -> Result<Arc<dyn Sandbox>> {
         Ok(self.restored_sandbox(&req, record))
+    }
+
+    async fn reconcile(&self, known: &[(String, String)]) -> Result<()> {
+        let cli = &self.shared.cli;
+        let Ok(namespaces) = std::fs::read_dir(&cli.root) else {
+            return Ok(());
+        };
+        for ns in namespaces.flatten() {
+            let Some(namespace) = ns.file_name().to_str().map(String::from) else {
+                continue;
+            };
+            let Ok(containers) = std::fs::read_dir(ns.path()) else {
+                continue;
+            };
+            for c in containers.flatten() {
+                let Some(id) = c.file_name().to_str().map(String::from) else {
+                    continue;
+                };
+                if known.iter().any(|(n, i)| *n == namespace && *i == id) {
+                    continue;
+                }
+                tracing::warn!(%namespace, %id, "removing a runc container no record names");
+                if let Err(e) = cli.run(&namespace, &["delete", "--force", &id]).await {
+                    tracing::warn!(%namespace, %id, "{e}");
+                }
+            }
+        }
+        Ok(())
     }
 
     async fn cleanup(&self, namespace: &str, id: &str, bundle: &Path) -> Result<()> {

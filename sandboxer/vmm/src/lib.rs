@@ -136,6 +136,8 @@ impl Backend for Vmm {
         // channel and the stdio descriptors are handed over.
         Capabilities {
             survives_reexec: true,
+            // The agent channel cannot be resynchronised after a crash yet.
+            survives_crash: false,
         }
     }
 
@@ -152,6 +154,10 @@ impl Backend for Vmm {
         Ok(Arc::new(
             sandbox::VmSandbox::restore(self.shared.clone(), req, record, fds).await?,
         ))
+    }
+
+    async fn discard_sandbox(&self, req: SandboxRequest, _record: BackendRecord) -> Result<()> {
+        sandbox::discard(&req.state_dir).await
     }
 
     async fn cleanup(&self, _namespace: &str, _id: &str, _bundle: &Path) -> Result<()> {

@@ -725,3 +725,70 @@ impl Container for VmContainer {
         Ok(())
     }
 }
+
+/// Releases the VM of a sandbox whose daemon crashed: its qemu (found by
+/// the sandbox's directory on its command line: the console log lives
+/// there) is killed, the shares under the directory are unmounted, and the
+/// directory goes once nothing is mounted in it.
+pub async fn discard(state_dir: &std::path::Path) -> Result<()> {
+    let needle = state_dir.join("console.log");
+    let needle = needle.as_os_str().as_encoded_bytes();
+    let mut killed = Vec::new();
+    if let Ok(procs) = std::fs::read_dir("/proc") {
+        for p in procs.flatten() {
+            let Some(pid) = p.file_name().to_str().and_then(|n| n.parse::<i32>().ok()) else {
+                continue;
+            };
+            let Ok(cmdline) = std::fs::read(p.path().join("cmdline")) else {
+                continue;
+            };
+            if cmdline.windows(needle.len()).any(|w| w == needle) {
+                let pid = nix::unistd::Pid::from_raw(pid);
+                let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGKILL);
+                killed.push(pid);
+            }
+        }
+    }
+    // Its parent (the holder, after the crash) reaps it; wait until gone.
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    while killed
+        .iter()
+        .any(|&pid| nix::sys::signal::kill(pid, None).is_ok())
+        && std::time::Instant::now() < deadline
+    {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let shared = state_dir.join("shared");
+    let mut mounted = false;
+    if let Ok(entries) = std::fs::read_dir(&shared) {
+        for e in entries.flatten() {
+            let dir = e.path();
+            let mut targets: Vec<PathBuf> = std::fs::read_to_string("/proc/self/mountinfo")
+                .unwrap_or_default()
+                .lines()
+                .filter_map(|l| l.split(' ').nth(4).map(PathBuf::from))
+                .filter(|t| t.starts_with(&dir))
+                .collect();
+            // Deepest first.
+            targets.sort_by_key(|t| std::cmp::Reverse(t.components().count()));
+            for t in targets {
+                if let Err(e) = kuasar_host::mount::unmount_all(&t) {
+                    tracing::warn!("{e}");
+                    mounted = true;
+                }
+            }
+        }
+    }
+    if mounted {
+        return Err(Error::Internal(format!(
+            "{} still holds mounts: left in place",
+            shared.display()
+        )));
+    }
+    let _ = std::fs::remove_dir_all(state_dir);
+    if let Some(parent) = state_dir.parent() {
+        let _ = std::fs::remove_dir(parent);
+    }
+    tracing::info!(dir = %state_dir.display(), vms = killed.len(), "discarded the VM of a crashed daemon");
+    Ok(())
+}

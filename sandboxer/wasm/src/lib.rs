@@ -129,6 +129,7 @@ impl Backend for Wasm {
         // Instances live in the daemon's memory: a re-exec would lose them.
         Capabilities {
             survives_reexec: false,
+            survives_crash: false,
         }
     }
 

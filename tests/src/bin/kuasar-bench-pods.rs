@@ -365,7 +365,7 @@ fn management_pss(env: &CriEnv, h: &Handler) -> (u64, usize) {
         .map(|(pid, _)| pid)
         .collect();
     if h.kind != Kind::RuncV2 {
-        pids.extend(env.sandboxer_pid());
+        pids.extend(env.sandboxer_pids());
     }
     (pids.iter().map(|p| pss_kb(*p)).sum(), pids.len())
 }
@@ -702,7 +702,7 @@ fn main() {
     };
     let mut res: BTreeMap<&str, Results> =
         hs.iter().map(|h| (h.name, Results::default())).collect();
-    let idle_pss = env.sandboxer_pid().map(pss_kb).unwrap_or(0);
+    let idle_pss = env.sandboxer_pids().into_iter().map(pss_kb).sum::<u64>();
     eprintln!("  kuasar-sandboxer idle, before any pod: {idle_pss} kB PSS");
 
     let fail = |res: &mut BTreeMap<&str, Results>, h: &Handler, what: &str, e: String| {
@@ -773,7 +773,7 @@ fn main() {
             }
         }
     }
-    let after_pss = env.sandboxer_pid().map(pss_kb).unwrap_or(0);
+    let after_pss = env.sandboxer_pids().into_iter().map(pss_kb).sum::<u64>();
     eprintln!(
         "  PSS phase done at {:.0} s; kuasar-sandboxer now {after_pss} kB PSS",
         t_run.elapsed().as_secs_f64()

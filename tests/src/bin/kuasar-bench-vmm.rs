@@ -141,7 +141,7 @@ fn idle_pss(env: &Env, runtime: &str, tag: &str, n: usize) -> (u64, u64) {
         .into_iter()
         .map(pss_kb)
         .collect();
-    let sandboxer = env.sandboxer_pid().map(pss_kb).unwrap_or(0);
+    let sandboxer = env.sandboxer_pids().into_iter().map(pss_kb).sum::<u64>();
     remove_all(env, &ids);
     let mean = if per.is_empty() {
         0

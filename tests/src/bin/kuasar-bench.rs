@@ -178,7 +178,7 @@ fn management_pss_kb(env: &Env, runtime: &str) -> (u64, usize) {
         .map(|(pid, _)| pid)
         .collect();
     if runtime == KUASAR_RUNC {
-        pids.extend(env.sandboxer_pid());
+        pids.extend(env.sandboxer_pids());
     }
     (pids.iter().map(|p| pss_kb(*p)).sum(), pids.len())
 }

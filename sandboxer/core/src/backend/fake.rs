@@ -32,6 +32,7 @@ impl Backend for FakeBackend {
     fn capabilities(&self) -> Capabilities {
         Capabilities {
             survives_reexec: true,
+            survives_crash: true,
         }
     }
     async fn create_sandbox(&self, _: SandboxRequest) -> Result<Arc<dyn Sandbox>> {

@@ -4,6 +4,7 @@
 
 pub mod client;
 pub mod frame;
+pub mod journal;
 pub mod server;
 
 pub use server::{Handler, RequestContext};

@@ -2,21 +2,40 @@
 //! closes it: the daemon never closes containerd's connections itself, since
 //! containerd takes a closed connection for a dead shim. On a live upgrade a
 //! connection stops between two reads and is handed over to the new process.
+//!
+//! Where a holder keeps descriptors (see `fdstore.rs`), every accepted
+//! connection is parked there with a journal (see `journal.rs`), and frames
+//! are taken off the socket only once their request is journaled: a frame
+//! is peeked until it is whole, recorded, then consumed. A daemon killed at
+//! any point leaves the connection at a frame boundary, with every request
+//! it took either answered or in the journal. Frames too large to be held
+//! in the socket at once (over 64 KiB; Task API requests are a few hundred
+//! bytes) are read in pieces: a crash in the middle of one cannot be
+//! resumed, and the restarted daemon closes that connection.
 
 use std::collections::HashMap;
-use std::os::fd::OwnedFd;
+use std::os::fd::{AsFd, AsRawFd, OwnedFd, RawFd};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use async_trait::async_trait;
 use protobuf::Message;
-use tokio::io::AsyncReadExt;
+use tokio::io::Interest;
 use tokio::net::{UnixListener, UnixStream};
 use tokio::sync::{mpsc, watch};
 use ttrpc::proto::{Request, Response};
 
-use super::frame::{self, FrameBuf, TYPE_REQUEST, TYPE_RESPONSE};
+use super::frame::{self, Frame, FrameBuf, Header, HEADER_LEN, TYPE_REQUEST, TYPE_RESPONSE};
+use super::journal::Journal;
 use crate::error::Error;
+use crate::fdstore::FdStore;
+
+/// Largest frame read whole by peeking; larger ones are read in pieces.
+const PEEK_LIMIT: usize = 64 * 1024;
+/// Calls one connection may have running at once; more are refused with
+/// ResourceExhausted (containerd has a handful per task).
+const MAX_PENDING: usize = 256;
 
 /// What a handler learns about the call besides its payload.
 #[derive(Clone, Debug)]
@@ -50,6 +69,68 @@ pub struct ConnHandover {
     pub sandbox: (String, String),
     pub frames: FrameBuf,
     pub pending: Vec<(u32, Vec<u8>)>,
+    /// Answers made but maybe not written: written first.
+    pub replies: Vec<(u32, Vec<u8>)>,
+    /// Its name in the descriptor store (empty: not parked).
+    pub name: String,
+    pub journal: Option<Journal>,
+}
+
+impl std::fmt::Debug for Journal {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Journal({} pending)", self.pending())
+    }
+}
+
+impl ConnHandover {
+    /// A connection a predecessor parked, from its socket and journal.
+    /// `resumed_bytes` are bytes it had read and not parsed (a live
+    /// upgrade); after a crash there are none, and a connection that was
+    /// half-way through a frame read in pieces cannot go on (`Err`).
+    pub fn from_journal(
+        fd: OwnedFd,
+        journal_fd: OwnedFd,
+        sandbox: (String, String),
+        name: String,
+        frames: Option<FrameBuf>,
+    ) -> std::io::Result<ConnHandover> {
+        let (mut journal, rec) = Journal::open(journal_fd)?;
+        let crashed = frames.is_none();
+        if crashed && rec.unsafe_read {
+            return Err(std::io::Error::other(
+                "the daemon died while reading a large frame: the stream position is lost",
+            ));
+        }
+        // Recorded, then the daemon died before taking it off the socket:
+        // it will be read again.
+        let mut reread = None;
+        if let Some(last) = rec.last_request {
+            if rec.entries.contains_key(&last) && head_stream(fd.as_raw_fd()) == Some(last) {
+                journal.forget(last)?;
+                reread = Some(last);
+            }
+        }
+        let mut pending = Vec::new();
+        let mut replies = Vec::new();
+        for (stream, e) in rec.entries {
+            if Some(stream) == reread {
+                continue;
+            }
+            match e.response {
+                Some(r) => replies.push((stream, r)),
+                None => pending.push((stream, e.request)),
+            }
+        }
+        Ok(ConnHandover {
+            fd,
+            sandbox,
+            frames: frames.unwrap_or_default(),
+            pending,
+            replies,
+            name,
+            journal: Some(journal),
+        })
+    }
 }
 
 /// The live connections of every sandbox socket, so that they can be
@@ -57,6 +138,8 @@ pub struct ConnHandover {
 pub struct Registry {
     stop: watch::Sender<bool>,
     conns: Mutex<Slots>,
+    /// Numbers connections for their names in the descriptor store.
+    names: AtomicU64,
 }
 
 #[derive(Default)]
@@ -71,11 +154,18 @@ impl Default for Registry {
         Registry {
             stop: watch::channel(false).0,
             conns: Mutex::default(),
+            names: AtomicU64::new(1),
         }
     }
 }
 
 impl Registry {
+    /// Connections numbered from here on get numbers above `n` (those a
+    /// predecessor parked keep theirs).
+    pub fn number_above(&self, n: u64) {
+        self.names.fetch_max(n + 1, Ordering::SeqCst);
+    }
+
     fn register(&self) -> u64 {
         let mut c = self.conns.lock().unwrap();
         c.next += 1;
@@ -141,6 +231,39 @@ impl Registry {
 pub struct ConnScope {
     pub registry: Arc<Registry>,
     pub sandbox: (String, String),
+    pub store: Arc<FdStore>,
+    /// Peers allowed on the socket (containerd runs as root).
+    pub allowed_uids: Arc<Vec<u32>>,
+}
+
+/// The descriptor-store name of connection `n` of `sandbox`.
+pub fn conn_name(n: u64, sandbox: &(String, String)) -> String {
+    format!("c/{n}/{}/{}", sandbox.0, sandbox.1)
+}
+
+/// Parses a name made by [`conn_name`].
+pub fn parse_conn_name(name: &str) -> Option<(u64, (String, String))> {
+    let mut parts = name.splitn(4, '/');
+    if parts.next()? != "c" {
+        return None;
+    }
+    let n = parts.next()?.parse().ok()?;
+    let ns = parts.next()?.to_string();
+    let id = parts.next()?.to_string();
+    Some((n, (ns, id)))
+}
+
+/// The stream id of the frame at the head of the socket, if a whole
+/// header is there.
+fn head_stream(fd: RawFd) -> Option<u32> {
+    let mut hb = [0u8; HEADER_LEN];
+    let n = nix::sys::socket::recv(
+        fd,
+        &mut hb,
+        nix::sys::socket::MsgFlags::MSG_PEEK | nix::sys::socket::MsgFlags::MSG_DONTWAIT,
+    )
+    .ok()?;
+    (n == HEADER_LEN).then(|| Header::decode(&hb).stream_id)
 }
 
 /// Accepts connections on `listener` until the listener task is aborted.
@@ -148,6 +271,35 @@ pub async fn serve_listener(listener: UnixListener, handler: Arc<dyn Handler>, s
     loop {
         match listener.accept().await {
             Ok((stream, _)) => {
+                match stream.peer_cred() {
+                    Ok(c) if scope.allowed_uids.contains(&c.uid()) => {}
+                    Ok(c) => {
+                        tracing::warn!(uid = c.uid(), sandbox = %scope.sandbox.1, "refused a task connection from a peer that is not allowed");
+                        continue;
+                    }
+                    Err(e) => {
+                        tracing::warn!("task connection without credentials refused: {e}");
+                        continue;
+                    }
+                }
+                // Parked with its journal before anything is read from it,
+                // so that it outlives a crash from here on.
+                let (name, journal) = if scope.store.held() {
+                    let n = scope.registry.names.fetch_add(1, Ordering::SeqCst);
+                    let name = conn_name(n, &scope.sandbox);
+                    match Journal::create() {
+                        Ok(j) => {
+                            scope.store.store(&name, &[stream.as_fd(), j.fd()]);
+                            (name, Some(j))
+                        }
+                        Err(e) => {
+                            tracing::warn!("task connection not parked (no journal: {e}): a crash will drop it");
+                            (String::new(), None)
+                        }
+                    }
+                } else {
+                    (String::new(), None)
+                };
                 // Registered before the task runs, so a quiesce that starts
                 // now waits for this connection too.
                 let id = scope.registry.register();
@@ -156,8 +308,13 @@ pub async fn serve_listener(listener: UnixListener, handler: Arc<dyn Handler>, s
                     handler.clone(),
                     scope.clone(),
                     id,
-                    FrameBuf::default(),
-                    Vec::new(),
+                    ConnState {
+                        frames: FrameBuf::default(),
+                        pending: Vec::new(),
+                        replies: Vec::new(),
+                        name,
+                        journal,
+                    },
                 ));
             }
             Err(e) => {
@@ -169,20 +326,37 @@ pub async fn serve_listener(listener: UnixListener, handler: Arc<dyn Handler>, s
     }
 }
 
+/// What a connection carries besides its socket.
+struct ConnState {
+    frames: FrameBuf,
+    pending: Vec<(u32, Vec<u8>)>,
+    replies: Vec<(u32, Vec<u8>)>,
+    name: String,
+    journal: Option<Journal>,
+}
+
 /// Serves a connection handed over by a predecessor (or by this process
-/// after a failed upgrade): its buffered bytes first, its unanswered
-/// requests dispatched again under their own stream ids.
+/// after a failed upgrade): its answers already made first, its buffered
+/// bytes, its unanswered requests dispatched again under their own stream
+/// ids.
 pub fn adopt_connection(
     state: ConnHandover,
     handler: Arc<dyn Handler>,
     registry: Arc<Registry>,
+    store: Arc<FdStore>,
+    allowed_uids: Arc<Vec<u32>>,
 ) -> std::io::Result<()> {
     let std = std::os::unix::net::UnixStream::from(state.fd);
     std.set_nonblocking(true)?;
     let stream = UnixStream::from_std(std)?;
+    if let Some((n, _)) = parse_conn_name(&state.name) {
+        registry.number_above(n);
+    }
     let scope = ConnScope {
         registry,
         sandbox: state.sandbox,
+        store,
+        allowed_uids,
     };
     let id = scope.registry.register();
     tokio::spawn(serve_connection(
@@ -190,8 +364,13 @@ pub fn adopt_connection(
         handler,
         scope,
         id,
-        state.frames,
-        state.pending,
+        ConnState {
+            frames: state.frames,
+            pending: state.pending,
+            replies: state.replies,
+            name: state.name,
+            journal: state.journal,
+        },
     ));
     Ok(())
 }
@@ -205,17 +384,142 @@ fn is_wait(payload: &[u8]) -> bool {
 /// How long a quiescing connection waits for its calls other than Wait.
 const QUIESCE_CALLS: Duration = Duration::from_secs(5);
 
+/// Takes what the socket has off it: whole frames by peeking while a
+/// journal is kept and they fit [`PEEK_LIMIT`] (recorded before they are
+/// consumed), otherwise plain reads into `frames`. `Ok(true)`: end of
+/// stream. Cancel safe: nothing is consumed across an await.
+async fn read_more(
+    stream: &UnixStream,
+    frames: &mut FrameBuf,
+    journal: &mut Option<Journal>,
+    whole: &mut Vec<Frame>,
+) -> std::io::Result<bool> {
+    loop {
+        stream.readable().await?;
+        let fd = stream.as_raw_fd();
+        match stream.try_io(Interest::READABLE, || take(fd, frames, journal, whole)) {
+            Ok(eof) => return Ok(eof),
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => continue,
+            Err(e) => return Err(e),
+        }
+    }
+}
+
+fn take(
+    fd: RawFd,
+    frames: &mut FrameBuf,
+    journal: &mut Option<Journal>,
+    whole: &mut Vec<Frame>,
+) -> std::io::Result<bool> {
+    use nix::sys::socket::{recv, MsgFlags};
+    let would_block = || std::io::Error::from(std::io::ErrorKind::WouldBlock);
+    let plain = |frames: &mut FrameBuf, journal: &mut Option<Journal>| -> std::io::Result<bool> {
+        if let Some(j) = journal {
+            j.set_unsafe(true)?;
+        }
+        let mut chunk = [0u8; 16 * 1024];
+        let n = recv(fd, &mut chunk, MsgFlags::MSG_DONTWAIT).map_err(std::io::Error::from)?;
+        frames.buf.extend_from_slice(&chunk[..n]);
+        Ok(n == 0)
+    };
+    let Some(j) = journal else {
+        return plain(frames, journal);
+    };
+    if !frames.buf.is_empty() || frames.skip > 0 {
+        return plain(frames, journal);
+    }
+    let _ = j;
+    let mut taken = 0;
+    loop {
+        let mut hb = [0u8; HEADER_LEN];
+        let n = recv(fd, &mut hb, MsgFlags::MSG_PEEK | MsgFlags::MSG_DONTWAIT);
+        let n = match n {
+            Ok(n) => n,
+            Err(nix::errno::Errno::EAGAIN) if taken > 0 => return Ok(false),
+            Err(e) => return Err(e.into()),
+        };
+        if n == 0 {
+            return Ok(taken == 0);
+        }
+        if n < HEADER_LEN {
+            return if taken > 0 {
+                Ok(false)
+            } else {
+                Err(would_block())
+            };
+        }
+        let header = Header::decode(&hb);
+        let total = HEADER_LEN + header.length as usize;
+        if header.length as usize > frame::MAX_MESSAGE || total > PEEK_LIMIT {
+            if taken > 0 {
+                return Ok(false);
+            }
+            return plain(frames, journal);
+        }
+        let mut avail: libc::c_int = 0;
+        // SAFETY: FIONREAD writes one int through the valid pointer.
+        if unsafe { libc::ioctl(fd, libc::FIONREAD, &mut avail) } < 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        if (avail as usize) < total {
+            return if taken > 0 {
+                Ok(false)
+            } else {
+                Err(would_block())
+            };
+        }
+        let mut buf = vec![0u8; total];
+        let n = recv(fd, &mut buf, MsgFlags::MSG_PEEK | MsgFlags::MSG_DONTWAIT)
+            .map_err(std::io::Error::from)?;
+        if n < total {
+            return if taken > 0 {
+                Ok(false)
+            } else {
+                Err(would_block())
+            };
+        }
+        if header.kind == TYPE_REQUEST {
+            if let Some(j) = journal.as_mut() {
+                j.request(header.stream_id, &buf[HEADER_LEN..])?;
+            }
+        }
+        let mut got = 0;
+        while got < total {
+            match recv(fd, &mut buf[got..], MsgFlags::MSG_DONTWAIT) {
+                Ok(0) => return Err(std::io::ErrorKind::UnexpectedEof.into()),
+                Ok(n) => got += n,
+                Err(nix::errno::Errno::EINTR) => continue,
+                Err(e) => return Err(e.into()),
+            }
+        }
+        buf.drain(..HEADER_LEN);
+        whole.push(Frame {
+            header,
+            payload: Some(buf),
+        });
+        taken += 1;
+    }
+}
+
 /// Serves one connection until its peer closes it, or until the registry
 /// asks it to hand over. Requests run concurrently (a `Wait` must not block
 /// the `Start` behind it); responses are written in the order they finish.
+/// Each response is written with one write: below 32 KiB a Unix socket
+/// takes it whole or not at all, so a crash never leaves half an answer.
 async fn serve_connection(
     mut stream: UnixStream,
     handler: Arc<dyn Handler>,
     scope: ConnScope,
     id: u64,
-    mut frames: FrameBuf,
-    resumed: Vec<(u32, Vec<u8>)>,
+    state: ConnState,
 ) {
+    let ConnState {
+        mut frames,
+        pending: resumed,
+        replies,
+        name,
+        mut journal,
+    } = state;
     let (tx, mut rx) = mpsc::unbounded_channel::<(u32, Vec<u8>)>();
     // Requests not yet answered: raw payload, and whether it is a Wait.
     let mut pending: HashMap<u32, (Vec<u8>, bool)> = HashMap::new();
@@ -228,16 +532,40 @@ async fn serve_connection(
             let _ = tx.send((stream_id, resp));
         });
     };
+    let mut gone = false;
+    for (stream_id, resp) in replies {
+        if let Err(e) = frame::write_frame(&mut stream, stream_id, TYPE_RESPONSE, &resp).await {
+            tracing::debug!("task connection write: {e}");
+            gone = true;
+            break;
+        }
+        journal_done(&mut journal, stream_id);
+    }
     for (stream_id, payload) in resumed {
         spawn_call(stream_id, payload.clone());
         let wait = is_wait(&payload);
         pending.insert(stream_id, (payload, wait));
     }
-    loop {
+    let mut whole: Vec<Frame> = Vec::new();
+    while !gone {
         if *stop.borrow_and_update() {
             break;
         }
+        let before = frames.buf.is_empty() && frames.skip == 0;
         while let Some(frame) = frames.next_frame() {
+            if frame.header.kind == TYPE_REQUEST {
+                if let (Some(j), Some(p)) = (journal.as_mut(), frame.payload.as_ref()) {
+                    journal_io(j.request(frame.header.stream_id, p));
+                }
+            }
+            whole.push(frame);
+        }
+        if !before && frames.buf.is_empty() && frames.skip == 0 {
+            if let Some(j) = journal.as_mut() {
+                journal_io(j.set_unsafe(false));
+            }
+        }
+        for frame in whole.drain(..) {
             let stream_id = frame.header.stream_id;
             if frame.header.kind != TYPE_REQUEST {
                 // Streams and data frames are not part of the Task API.
@@ -252,24 +580,35 @@ async fn serve_connection(
                 let _ = tx.send((stream_id, error_response(&err)));
                 continue;
             };
+            if pending.len() >= MAX_PENDING {
+                let err = Error::ResourceExhausted(format!(
+                    "more than {MAX_PENDING} calls at once on one connection"
+                ));
+                let _ = tx.send((stream_id, error_response(&err)));
+                continue;
+            }
             spawn_call(stream_id, payload.clone());
             let wait = is_wait(&payload);
             pending.insert(stream_id, (payload, wait));
         }
         tokio::select! {
-            read = stream.read_buf(&mut frames.buf) => match read {
-                Ok(0) => break,
-                Ok(_) => {}
+            read = read_more(&stream, &mut frames, &mut journal, &mut whole) => match read {
+                Ok(true) => break,
+                Ok(false) => {}
                 Err(e) => {
                     tracing::debug!("task connection read: {e}");
                     break;
                 }
             },
             Some((stream_id, resp)) = rx.recv() => {
+                if let Some(j) = journal.as_mut() {
+                    journal_io(j.response(stream_id, &resp));
+                }
                 if let Err(e) = frame::write_frame(&mut stream, stream_id, TYPE_RESPONSE, &resp).await {
                     tracing::debug!("task connection write: {e}");
                     break;
                 }
+                journal_done(&mut journal, stream_id);
                 pending.remove(&stream_id);
             }
             _ = stop.changed() => {}
@@ -279,6 +618,9 @@ async fn serve_connection(
         // The peer is gone. Calls in flight still run to their end (a Create
         // cut off half-way would leave a container nobody tracks); their
         // answers are dropped.
+        if !name.is_empty() {
+            scope.store.remove(&name);
+        }
         scope.registry.forget(id);
         return;
     }
@@ -299,11 +641,18 @@ async fn serve_connection(
             }
         };
         let Some((stream_id, resp)) = next else { break };
+        if let Some(j) = journal.as_mut() {
+            journal_io(j.response(stream_id, &resp));
+        }
         if let Err(e) = frame::write_frame(&mut stream, stream_id, TYPE_RESPONSE, &resp).await {
             tracing::debug!("task connection write: {e}");
+            if !name.is_empty() {
+                scope.store.remove(&name);
+            }
             scope.registry.forget(id);
             return;
         }
+        journal_done(&mut journal, stream_id);
         pending.remove(&stream_id);
     }
     let fd = match stream.into_std() {
@@ -321,8 +670,25 @@ async fn serve_connection(
             sandbox: scope.sandbox,
             frames,
             pending: pending.into_iter().map(|(k, (p, _))| (k, p)).collect(),
+            replies: Vec::new(),
+            name,
+            journal,
         },
     );
+}
+
+fn journal_done(journal: &mut Option<Journal>, stream_id: u32) {
+    if let Some(j) = journal.as_mut() {
+        journal_io(j.done(stream_id));
+    }
+}
+
+/// A journal that cannot be written (memory exhausted) makes the
+/// connection unsafe across a crash, not unusable.
+fn journal_io(r: std::io::Result<()>) {
+    if let Err(e) = r {
+        tracing::warn!("task connection journal: {e}");
+    }
 }
 
 async fn dispatch(handler: &Arc<dyn Handler>, payload: &[u8]) -> Vec<u8> {

@@ -1,7 +1,11 @@
 //! The generic task layer: a container of any backend, its processes, their
 //! lifecycle and the events that go with it. Written once for every kind.
 
+mod lost;
 pub mod service;
+
+/// The exit status of a process whose workload died with a crashed daemon.
+pub use lost::EXIT_STATUS as LOST_EXIT_STATUS;
 
 use std::collections::HashMap;
 use std::path::PathBuf;

@@ -111,6 +111,11 @@ fn forward_events(
             let Some(task) = weak.upgrade() else { break };
             match event {
                 ContainerEvent::Exit(exec_id, status) => {
+                    daemon.unpark_stderr(
+                        &task.namespace,
+                        &task.id,
+                        exec_id.as_deref().unwrap_or(""),
+                    );
                     task.on_exit(exec_id.as_deref(), status);
                     if exec_id.is_none() {
                         daemon.save_task(&task);
@@ -126,12 +131,20 @@ fn forward_events(
     });
 }
 
-/// Rebuilds a task a predecessor daemon ran (live upgrade) from its record.
+/// Rebuilds a task a predecessor daemon ran (live upgrade, or a restart
+/// after a crash) from its record. `lost`: its workload died with the
+/// predecessor (a backend whose workloads live in the daemon's memory):
+/// the task is kept for containerd to learn how it ended, with `lost` as
+/// the reason, written to its stderr.
 pub async fn restore_task(
     daemon: &Arc<Daemon>,
     sandbox: &Sandbox,
     rec: TaskRecord,
     mut io: Vec<ProcessIoHandover>,
+    lost: Option<(
+        &str,
+        std::collections::HashMap<String, std::os::fd::OwnedFd>,
+    )>,
 ) -> Result<Arc<Task>> {
     let (events_tx, events_rx) = tokio::sync::mpsc::unbounded_channel();
     for h in &mut io {
@@ -145,36 +158,76 @@ pub async fn restore_task(
                 .unwrap_or_default(),
         };
     }
-    let backend = sandbox.backend().ok_or_else(|| {
-        Error::FailedPrecondition(format!(
-            "sandbox {} was handed over without its backend",
-            sandbox.id
-        ))
-    })?;
-    let container = backend
-        .restore_container(RestoreRequest {
-            namespace: rec.namespace.clone(),
-            id: rec.id.clone(),
-            bundle: rec.bundle.clone(),
-            pid: rec.init.pid,
-            init_live: rec.init.exit_status.is_none(),
-            execs: rec
-                .execs
-                .iter()
-                .filter(|e| e.process.pid != 0)
-                .map(|e| {
-                    (
-                        e.exec_id.clone(),
-                        e.process.pid,
-                        e.process.exit_status.is_none(),
-                    )
+    let container: Box<dyn crate::backend::Container> = match lost {
+        Some((reason, mut parked)) => {
+            let live = rec
+                .init
+                .exit_status
+                .is_none()
+                .then_some(None)
+                .into_iter()
+                .chain(
+                    rec.execs
+                        .iter()
+                        .filter(|e| e.process.pid != 0 && e.process.exit_status.is_none())
+                        .map(|e| Some(e.exec_id.clone())),
+                );
+            for exec in live {
+                let stderr = match &exec {
+                    None => &rec.init.stdio.stderr,
+                    Some(e) => rec
+                        .execs
+                        .iter()
+                        .find(|x| &x.exec_id == e)
+                        .map(|x| &x.process.stdio.stderr)
+                        .unwrap_or(&rec.init.stdio.stderr),
+                };
+                let label = exec.clone().unwrap_or_default();
+                super::lost::tell(parked.remove(&label), stderr, reason);
+                let _ = events_tx.send(ContainerEvent::Exit(exec, super::lost::EXIT_STATUS));
+            }
+            Box::new(super::lost::LostContainer {
+                backend: daemon.backend(sandbox.kind)?,
+                namespace: rec.namespace.clone(),
+                id: rec.id.clone(),
+                bundle: rec.bundle.clone(),
+                pid: rec.init.pid,
+                reason: reason.to_string(),
+            })
+        }
+        None => {
+            let backend = sandbox.backend().ok_or_else(|| {
+                Error::FailedPrecondition(format!(
+                    "sandbox {} was handed over without its backend",
+                    sandbox.id
+                ))
+            })?;
+            backend
+                .restore_container(RestoreRequest {
+                    namespace: rec.namespace.clone(),
+                    id: rec.id.clone(),
+                    bundle: rec.bundle.clone(),
+                    pid: rec.init.pid,
+                    init_live: rec.init.exit_status.is_none(),
+                    execs: rec
+                        .execs
+                        .iter()
+                        .filter(|e| e.process.pid != 0)
+                        .map(|e| {
+                            (
+                                e.exec_id.clone(),
+                                e.process.pid,
+                                e.process.exit_status.is_none(),
+                            )
+                        })
+                        .collect(),
+                    io,
+                    events: events_tx,
+                    record: rec.backend,
                 })
-                .collect(),
-            io,
-            events: events_tx,
-            record: rec.backend,
-        })
-        .await?;
+                .await?
+        }
+    };
     let init = Process::restore(&rec.id, "", Vec::new(), &rec.init);
     let execs = rec
         .execs
@@ -322,15 +375,25 @@ impl TaskService {
                 req.id
             )));
         }
-        let pid = if process.is_init() {
-            task.container.start().await?
+        if !process.is_init() && task.init.view().exit.is_some() {
+            return Err(not_running(&task, "start an exec"));
+        }
+        // Before the process runs: its exit lets go of it.
+        self.daemon
+            .park_stderr(task.kind, ns, &req.id, &req.exec_id, &process.stdio.stderr);
+        let started = if process.is_init() {
+            task.container.start().await
         } else {
-            if task.init.view().exit.is_some() {
-                return Err(not_running(&task, "start an exec"));
-            }
             task.container
                 .exec(&req.exec_id, &process.spec, &process.stdio)
-                .await?
+                .await
+        };
+        let pid = match started {
+            Ok(pid) => pid,
+            Err(e) => {
+                self.daemon.unpark_stderr(ns, &req.id, &req.exec_id);
+                return Err(e);
+            }
         };
         process.started(pid, &task.events);
         if process.is_init() {

@@ -1,0 +1,217 @@
+//! Start after a crash: the daemon reads what its predecessor persisted
+//! (sandbox and task records), takes the descriptors the holder kept
+//! (listening sockets, containerd's connections and their journals), and
+//! serves on as a live upgrade would. Workloads that live outside the
+//! daemon (runc containers) are taken over: their processes are now the
+//! holder's children, whose exits it reports, and are watched by pidfd.
+//! Workloads that died with the daemon (wasm instances; VMs, whose agent
+//! channel cannot be resumed yet) are reported exited with status 255 and
+//! the reason on their stderr; what they held is released. What no record
+//! names (a crash half-way through a create) is removed.
+
+use std::collections::HashSet;
+use std::sync::Arc;
+use std::time::Duration;
+
+use crate::daemon::{listener_name, Daemon};
+use crate::error::Result;
+use crate::fdstore::Inherited;
+use crate::rpc::server::{parse_conn_name, ConnHandover};
+use crate::state::Record;
+use crate::task::TaskRecord;
+use crate::upgrade::SandboxHandover;
+
+/// How long a process that ended waits for the holder's report of its
+/// status before it is reported unknown.
+const STATUS_GRACE: Duration = Duration::from_secs(2);
+
+/// What the restart found and did, for the log.
+#[derive(Debug, Default)]
+pub struct Recovery {
+    pub sandboxes: usize,
+    pub tasks: usize,
+    pub lost_tasks: usize,
+    pub connections: usize,
+    pub dropped_connections: usize,
+    pub removed: usize,
+}
+
+/// Whether anything was persisted or parked: a fresh start has nothing.
+pub fn needed(daemon: &Daemon, inherited: &Inherited) -> bool {
+    !inherited.is_empty()
+        || !daemon.state().list(Record::Sandbox).is_empty()
+        || !daemon.state().list(Record::Task).is_empty()
+}
+
+pub async fn recover(daemon: &Arc<Daemon>, inherited: &mut Inherited) -> Result<Recovery> {
+    let mut report = Recovery::default();
+    let state = daemon.state();
+    let mut sandboxes: Vec<SandboxHandover> = Vec::new();
+    for (ns, id, data) in state.list(Record::Sandbox) {
+        match serde_json::from_slice::<SandboxHandover>(&data) {
+            Ok(s) if s.namespace == ns && s.id == id => sandboxes.push(s),
+            Ok(_) | Err(_) => {
+                tracing::warn!(namespace = %ns, sandbox = %id, "unreadable sandbox record removed");
+                state.remove(Record::Sandbox, &ns, &id);
+            }
+        }
+    }
+    let mut tasks: Vec<TaskRecord> = Vec::new();
+    for (ns, id, data) in state.list(Record::Task) {
+        match serde_json::from_slice::<TaskRecord>(&data) {
+            Ok(t) if t.namespace == ns && t.id == id => tasks.push(t),
+            Ok(_) | Err(_) => {
+                tracing::warn!(namespace = %ns, task = %id, "unreadable task record removed");
+                state.remove(Record::Task, &ns, &id);
+            }
+        }
+    }
+    let known: Vec<(String, String)> = tasks
+        .iter()
+        .map(|t| (t.namespace.clone(), t.id.clone()))
+        .collect();
+    for b in daemon.backends() {
+        if let Err(e) = b.reconcile(&known).await {
+            tracing::warn!(kind = %b.kind(), "reconciling: {e}");
+        }
+    }
+
+    let mut alive: HashSet<(String, String)> = HashSet::new();
+    for mut s in sandboxes {
+        let key = (s.namespace.clone(), s.id.clone());
+        let listener = inherited
+            .take(&listener_name(&s.namespace, &s.id))
+            .and_then(|mut v| v.pop());
+        let survives = daemon.survives_crash(&s.kind);
+        if !survives && s.state.created {
+            let req = daemon.sandbox_request(&s.namespace, &s.id);
+            if let Ok(backend) = daemon.backend_named(&s.kind) {
+                if let Err(e) = backend.discard_sandbox(req, s.backend.clone()).await {
+                    tracing::warn!(sandbox = %s.id, "releasing a sandbox that died with the daemon: {e}");
+                }
+            }
+            s.state.created = false;
+            s.state.ready = false;
+            s.state.exited_at_nanos = Some(crate::task::nanos(std::time::SystemTime::now()));
+        }
+        let adopted = match listener {
+            Some(fd) => daemon.adopt_sandbox(s, fd, Vec::new()).await,
+            None => daemon.reopen_sandbox(s).await,
+        };
+        match adopted {
+            Ok(()) => {
+                report.sandboxes += 1;
+                alive.insert(key);
+            }
+            Err(e) => {
+                tracing::error!(namespace = %key.0, sandbox = %key.1, "sandbox not taken over after the crash: {e}");
+                state.remove(Record::Sandbox, &key.0, &key.1);
+            }
+        }
+    }
+
+    for t in tasks {
+        let (ns, id) = (t.namespace.clone(), t.id.clone());
+        if !alive.contains(&(ns.clone(), t.sandbox_id.clone())) {
+            tracing::warn!(namespace = %ns, task = %id, "task of a sandbox that is gone: removed");
+            if let Ok(b) = daemon.backend_named(&t.kind) {
+                let _ = b.cleanup(&ns, &id, &t.bundle).await;
+            }
+            state.remove(Record::Task, &ns, &id);
+            report.removed += 1;
+            continue;
+        }
+        let lost = (!daemon.survives_crash(&t.kind)).then(|| {
+            format!(
+                "the {} workload of this task died with the sandboxer (it crashed and was restarted)",
+                t.kind
+            )
+        });
+        if lost.is_none() {
+            // No longer our children: their exits come from the holder,
+            // and a pidfd says when they end.
+            let pids = std::iter::once(&t.init)
+                .chain(t.execs.iter().map(|e| &e.process))
+                .filter(|p| p.pid != 0 && p.exit_status.is_none())
+                .map(|p| p.pid as i32);
+            for pid in pids {
+                daemon
+                    .reaper
+                    .watch_foreign(pid, STATUS_GRACE, crate::task::LOST_EXIT_STATUS);
+            }
+        } else {
+            report.lost_tasks += 1;
+        }
+        let mut parked = std::collections::HashMap::new();
+        for name in inherited.names(&format!("e/{ns}/{id}")) {
+            let exec = match name.strip_prefix(&format!("e/{ns}/{id}")) {
+                Some("") => String::new(),
+                Some(rest) => match rest.strip_prefix('/') {
+                    Some(e) => e.to_string(),
+                    None => continue,
+                },
+                None => continue,
+            };
+            if let Some(fd) = inherited.take(&name).and_then(|mut v| v.pop()) {
+                parked.insert(exec, fd);
+            }
+        }
+        match daemon
+            .adopt_task_after_crash(t, lost.as_deref(), parked)
+            .await
+        {
+            Ok(()) => report.tasks += 1,
+            Err(e) => {
+                tracing::error!(namespace = %ns, task = %id, "task not taken over after the crash: {e}");
+            }
+        }
+    }
+
+    for name in inherited.names("c/") {
+        let fds = inherited.take(&name).unwrap_or_default();
+        let adopted = (|| {
+            let (_, sandbox) = parse_conn_name(&name).ok_or_else(|| {
+                crate::error::Error::InvalidArgument(format!("parked connection {name}"))
+            })?;
+            let mut fds = fds.into_iter();
+            let (Some(sock), Some(journal)) = (fds.next(), fds.next()) else {
+                return Err(crate::error::Error::InvalidArgument(format!(
+                    "parked connection {name} lacks its socket or journal"
+                )));
+            };
+            let conn = ConnHandover::from_journal(sock, journal, sandbox, name.clone(), None)
+                .map_err(crate::error::io_context("taking over a task connection"))?;
+            daemon.adopt_connection(conn)
+        })();
+        match adopted {
+            Ok(()) => report.connections += 1,
+            Err(e) => {
+                // Closing it is today's behaviour after a crash: containerd
+                // sees a dead shim for that task.
+                tracing::error!(connection = %name, "task connection closed after the crash: {e}");
+                daemon.store.remove(&name);
+                report.dropped_connections += 1;
+            }
+        }
+    }
+    for name in inherited.names("e/") {
+        inherited.take(&name);
+        daemon.store.remove(&name);
+    }
+    for name in inherited.names("l/") {
+        tracing::warn!(listener = %name, "parked listener of a sandbox no record names: closed");
+        inherited.take(&name);
+        daemon.store.remove(&name);
+    }
+    report.removed += daemon.remove_stale_sockets();
+    tracing::info!(
+        sandboxes = report.sandboxes,
+        tasks = report.tasks,
+        lost_tasks = report.lost_tasks,
+        connections = report.connections,
+        dropped_connections = report.dropped_connections,
+        removed = report.removed,
+        "restart after a crash: took over"
+    );
+    Ok(report)
+}

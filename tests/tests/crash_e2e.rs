@@ -1,0 +1,183 @@
+//! End-to-end: the sandboxer's daemon is killed with SIGKILL while tasks
+//! run, on real containerd 1.6.20 and 2.1.9. The holder keeps containerd's
+//! connections and the listening sockets, starts the daemon again, and the
+//! new daemon takes over from the persisted records and the connections'
+//! journals: runc containers keep running and stay known to containerd,
+//! calls in flight (a foreground `ctr run` waiting for its exit) are
+//! answered, wasm instances and VMs (which die with the daemon, or cannot
+//! be resumed) report exit 255 with the reason on stderr, and nothing
+//! leaks.
+
+use std::time::Duration;
+
+use kuasar_e2e::{guest_dir, run_cmd, Env, Version, KUASAR_RUNC as RUNTIME_KUASAR};
+
+const VMM: &str = "io.containerd.kuasarvmm.v1";
+
+kuasar_e2e::both_versions!(
+    a_crash_with_twenty_running_containers_loses_no_task,
+    wasm_instances_and_vms_that_die_with_the_daemon_report_a_clear_exit,
+    repeated_crashes_under_a_create_and_exec_loop_leave_nothing_behind,
+);
+
+fn task_pids(env: &Env) -> Vec<(String, String, String)> {
+    env.ctr_ok(&["task", "ls"])
+        .lines()
+        .skip(1)
+        .filter_map(|l| {
+            let mut f = l.split_whitespace();
+            Some((
+                f.next()?.to_string(),
+                f.next()?.to_string(),
+                f.next()?.to_string(),
+            ))
+        })
+        .collect()
+}
+
+fn a_crash_with_twenty_running_containers_loses_no_task(v: Version) {
+    let mut env = Env::start(v);
+    let ids: Vec<String> = (0..20).map(|i| format!("c{i}")).collect();
+    for id in &ids {
+        env.run_detached(RUNTIME_KUASAR, id, &["sleep", "600"]);
+    }
+    // A foreground container: its Wait is in flight on its connection when
+    // the daemon dies, and its output goes on through the crash.
+    let mut fg = env.run_command(
+        &["--rm"],
+        RUNTIME_KUASAR,
+        "fg",
+        &[
+            "sh",
+            "-c",
+            "for i in 1 2 3 4 5 6 7 8 9 10; do echo line $i; sleep 0.3; done; exit 3",
+        ],
+    );
+    let counting = std::thread::spawn(move || run_cmd(&mut fg, Duration::from_secs(120)));
+    env.wait_status("fg", "RUNNING");
+    let before = task_pids(&env);
+    assert_eq!(before.len(), 21, "{before:?}");
+
+    let old = env.sandboxer_pid().unwrap();
+    let new = env.crash_sandboxer();
+    assert_ne!(old, new);
+
+    let o = counting.join().unwrap();
+    assert_eq!(o.status, Some(3), "{o}\n{}", env.log_tails());
+    let lines: Vec<&str> = o.stdout.lines().collect();
+    assert_eq!(lines.len(), 10, "{o}");
+    assert_eq!(lines[9], "line 10");
+
+    let after = task_pids(&env);
+    for id in &ids {
+        let b = before.iter().find(|t| &t.0 == id).unwrap();
+        let a = after.iter().find(|t| &t.0 == id);
+        assert_eq!(a, Some(b), "task {id} after the crash: {after:?}");
+        assert_eq!(b.2, "RUNNING");
+    }
+    // Every task answers, on the connections the holder kept.
+    let o = env.ctr(&["task", "exec", "--exec-id", "e1", "c3", "echo", "alive"]);
+    assert!(o.ok(), "{o}\n{}", env.log_tails());
+    assert_eq!(o.stdout.trim(), "alive");
+    let ps = env.ctr_ok(&["task", "ps", "c4"]);
+    assert!(ps.lines().count() >= 2, "{ps}");
+    // A container started before the crash exits now: its exit is
+    // learned although it is no longer the daemon's child.
+    env.ctr_ok(&["task", "kill", "-s", "KILL", "c5"]);
+    env.wait_status("c5", "STOPPED");
+    let o = env.ctr_ok(&["task", "ls"]);
+    assert!(o.contains("c5"), "{o}");
+    // New containers work.
+    let o = env.run_rm(RUNTIME_KUASAR, "new", &["echo", "fresh"]);
+    assert!(o.ok(), "{o}\n{}", env.log_tails());
+    assert_eq!(o.stdout.trim(), "fresh");
+    // A second crash, with the first one's connections.
+    env.crash_sandboxer();
+    let o = env.ctr(&["task", "exec", "--exec-id", "e2", "c6", "echo", "again"]);
+    assert!(o.ok(), "{o}\n{}", env.log_tails());
+    for id in &ids {
+        env.remove(id);
+    }
+    assert!(task_pids(&env).is_empty());
+    env.assert_clean();
+}
+
+fn wasm_instances_and_vms_that_die_with_the_daemon_report_a_clear_exit(v: Version) {
+    let mut env = Env::start(v);
+    env.import_wasm_image();
+    let mut spin = env.wasm_run_command(&["--rm"], "w-spin", &["/spin.wasm"]);
+    let spinning = std::thread::spawn(move || run_cmd(&mut spin, Duration::from_secs(60)));
+    env.wait_status("w-spin", "RUNNING");
+    let vm = guest_dir().is_some();
+    if vm {
+        env.run_detached(VMM, "vm1", &["sleep", "600"]);
+    }
+    env.run_detached(RUNTIME_KUASAR, "r1", &["sleep", "600"]);
+    env.crash_sandboxer();
+
+    let o = spinning.join().unwrap();
+    assert_eq!(o.status, Some(255), "{o}\n{}", env.log_tails());
+    assert!(
+        o.stderr.contains("died with the sandboxer")
+            || o.stdout.contains("died with the sandboxer"),
+        "the reason reaches the task's stderr: {o}"
+    );
+    if vm {
+        env.wait_status("vm1", "STOPPED");
+        assert!(
+            kuasar_e2e::env_processes(&env.dir, "qemu-system").is_empty(),
+            "the VM of the crashed daemon was released"
+        );
+        env.remove("vm1");
+    }
+    assert_eq!(env.task_status("r1").as_deref(), Some("RUNNING"));
+    env.remove("r1");
+    env.assert_clean();
+}
+
+fn repeated_crashes_under_a_create_and_exec_loop_leave_nothing_behind(v: Version) {
+    let mut env = Env::start(v);
+    env.run_detached(RUNTIME_KUASAR, "keep", &["sleep", "600"]);
+    for round in 0..3 {
+        // Calls race the crash: each must either succeed or fail cleanly
+        // (no hang), and what it made must be removable.
+        let runs: Vec<(String, std::process::Command)> = (0..6)
+            .map(|i| {
+                let id = format!("l{round}-{i}");
+                let c = env.run_command(&["--rm"], RUNTIME_KUASAR, &id, &["echo", "ok"]);
+                (id, c)
+            })
+            .collect();
+        let lp = std::thread::spawn(move || {
+            runs.into_iter()
+                .map(|(id, mut c)| {
+                    let o = run_cmd(&mut c, Duration::from_secs(60));
+                    (id, o)
+                })
+                .collect::<Vec<_>>()
+        });
+        std::thread::sleep(Duration::from_millis(150 * (round + 1) as u64));
+        env.crash_sandboxer();
+        let outcomes = lp.join().unwrap();
+        for (id, o) in &outcomes {
+            assert!(!o.timed_out, "{id} hung across the crash: {o}");
+            if !o.ok() {
+                // Failed cleanly: clean up whatever containerd kept.
+                eprintln!("{id} failed across the crash (allowed): {o}");
+            }
+            let _ = env.ctr(&["task", "rm", "-f", id]);
+            let _ = env.ctr(&["container", "rm", id]);
+        }
+        let o = env.ctr(&[
+            "task",
+            "exec",
+            "--exec-id",
+            &format!("x{round}"),
+            "keep",
+            "true",
+        ]);
+        assert!(o.ok(), "{o}\n{}", env.log_tails());
+    }
+    env.remove("keep");
+    env.assert_clean();
+}
