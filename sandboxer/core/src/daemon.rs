@@ -375,7 +375,9 @@ impl Daemon {
             socket_dir,
             config,
             reaper,
-            publisher: Arc::new(Publisher::default()),
+            // Before anything can publish: what an earlier process spooled
+            // goes first.
+            publisher: Arc::new(Publisher::new(root.join("events"))),
             backends: backends.into_iter().map(|b| (b.kind(), b)).collect(),
             sandboxes: Mutex::new(HashMap::new()),
             creating: tokio::sync::Mutex::new(()),

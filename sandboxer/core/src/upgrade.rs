@@ -8,7 +8,8 @@
 //! terminal it feeds) and terminal output copies are handed over as
 //! descriptors and their copies restarted; bytes a copy had read but not
 //! yet written are lost. `binary://` log drivers are handed over by pid.
-//! Events still queued in the publisher are lost.
+//! Events still queued are in the event spool: forwarding stops before the
+//! exec and the new image sends them first.
 
 use std::collections::{HashMap, HashSet};
 use std::ffi::CString;
@@ -296,6 +297,8 @@ pub async fn upgrade(
             return Error::FailedPrecondition(format!("live upgrade refused: {e}"));
         }
     };
+    // Nothing is sent from here on; later events are only spooled.
+    daemon.publisher.stop_forwarding().await;
     let handover = Handover {
         io: io
             .iter()
@@ -362,6 +365,7 @@ pub async fn upgrade(
     drop(io);
     drop(sandbox_fds);
     daemon.handovers_aborted().await;
+    daemon.publisher.resume_forwarding();
     let _ = std::fs::remove_file(&path);
     for fd in fds {
         if let Err(e) = set_cloexec(fd, true) {
