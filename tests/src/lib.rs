@@ -7,6 +7,7 @@ pub mod cgroup;
 pub mod cmd;
 pub mod cri;
 pub mod cri_env;
+pub mod hygiene;
 pub mod netns;
 pub mod wasm;
 
@@ -1044,7 +1045,7 @@ pub fn mounts_under(dir: &Path) -> Vec<String> {
     found
 }
 
-fn parse_mountpoints(mountinfo: &str, prefix: &str) -> Vec<String> {
+pub(crate) fn parse_mountpoints(mountinfo: &str, prefix: &str) -> Vec<String> {
     mountinfo
         .lines()
         .filter_map(|l| l.split(' ').nth(4))

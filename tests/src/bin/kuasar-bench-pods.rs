@@ -29,7 +29,7 @@ use std::sync::atomic::{AtomicBool, AtomicU32, AtomicUsize, Ordering};
 use std::sync::{Barrier, Mutex};
 use std::time::{Duration, Instant};
 
-use kuasar_e2e::bench::{ms, percentile, print_table, pss_kb, Row};
+use kuasar_e2e::bench::{ms, percentile, print_table, pss_kb, Args, Row};
 use kuasar_e2e::cri::Cri;
 use kuasar_e2e::cri_env::{CriEnv, SandboxMode, KUASAR_RUNC, KUASAR_WASM, RUNC};
 use kuasar_e2e::{processes, Version};
@@ -48,18 +48,6 @@ struct Opts {
     keep_logs: Option<PathBuf>,
 }
 
-fn usage(msg: &str) -> ! {
-    if !msg.is_empty() {
-        eprintln!("kuasar-bench-pods: {msg}");
-    }
-    eprintln!(
-        "usage: kuasar-bench-pods [--containerd 1.6|2.1] [--serial N] [--warmup N] \
-         [--parallel 10,30] [--parallel-reps N] [--pss 1,10,50] [--execs N] \
-         [--handlers runc,kuasar-runc,...] [--keep-logs DIR]"
-    );
-    std::process::exit(2)
-}
-
 fn parse_opts() -> Opts {
     let mut o = Opts {
         version: Version::V1_6,
@@ -72,36 +60,24 @@ fn parse_opts() -> Opts {
         handlers: None,
         keep_logs: None,
     };
-    let args: Vec<String> = std::env::args().skip(1).collect();
-    let mut it = args.iter();
-    while let Some(a) = it.next() {
-        let mut val = || {
-            it.next()
-                .unwrap_or_else(|| usage(&format!("{a} needs a value")))
-                .clone()
-        };
-        let num = |v: &str| {
-            v.parse::<usize>()
-                .unwrap_or_else(|_| usage(&format!("{a} takes numbers")))
-        };
-        let list =
-            |v: String| -> Vec<usize> { v.split(',').filter(|s| !s.is_empty()).map(num).collect() };
-        match a.as_str() {
-            "--containerd" => {
-                let v = val();
-                o.version = Version::parse(&v)
-                    .unwrap_or_else(|| usage(&format!("unknown containerd version {v}")))
-            }
-            "--serial" => o.serial = num(&val()).max(1),
-            "--warmup" => o.warmup = num(&val()),
-            "--parallel" => o.parallel = list(val()),
-            "--parallel-reps" => o.parallel_reps = num(&val()).max(1),
-            "--pss" => o.pss_counts = list(val()),
-            "--execs" => o.exec_pods = num(&val()),
-            "--handlers" => o.handlers = Some(val().split(',').map(str::to_string).collect()),
-            "--keep-logs" => o.keep_logs = Some(val().into()),
-            "-h" | "--help" => usage(""),
-            other => usage(&format!("unknown argument {other}")),
+    let mut args = Args::from_env(
+        "kuasar-bench-pods",
+        "[--containerd 1.6|2.1] [--serial N] [--warmup N] [--parallel 10,30] \
+         [--parallel-reps N] [--pss 1,10,50] [--execs N] \
+         [--handlers runc,kuasar-runc,...] [--keep-logs DIR]",
+    );
+    while let Some(flag) = args.next_flag() {
+        match flag.as_str() {
+            "--containerd" => o.version = args.version(),
+            "--serial" => o.serial = args.number().max(1),
+            "--warmup" => o.warmup = args.number(),
+            "--parallel" => o.parallel = args.numbers(),
+            "--parallel-reps" => o.parallel_reps = args.number().max(1),
+            "--pss" => o.pss_counts = args.numbers(),
+            "--execs" => o.exec_pods = args.number(),
+            "--handlers" => o.handlers = Some(args.list()),
+            "--keep-logs" => o.keep_logs = Some(args.value().into()),
+            _ => args.unknown(),
         }
     }
     o

@@ -8,7 +8,7 @@
 
 use std::time::{Duration, Instant};
 
-use kuasar_e2e::bench::{ms, percentile, print_table, pss_kb, Row};
+use kuasar_e2e::bench::{ms, percentile, print_table, pss_kb, Args, Row};
 use kuasar_e2e::{env_processes, run_cmd, Env, Version, RUNC_V2};
 
 const VMM: &str = "io.containerd.kuasarvmm.v1";
@@ -20,14 +20,6 @@ struct Opts {
     idle: Vec<usize>,
 }
 
-fn usage(msg: &str) -> ! {
-    if !msg.is_empty() {
-        eprintln!("kuasar-bench-vmm: {msg}");
-    }
-    eprintln!("usage: kuasar-bench-vmm [--containerd 1.6|2.1] [--serial N] [--parallel N] [--idle 1,5,10]");
-    std::process::exit(2)
-}
-
 fn parse_opts() -> Opts {
     let mut o = Opts {
         version: Version::V1_6,
@@ -35,45 +27,21 @@ fn parse_opts() -> Opts {
         parallel: 5,
         idle: vec![1, 5, 10],
     };
-    let args: Vec<String> = std::env::args().skip(1).collect();
-    let mut it = args.iter();
-    while let Some(a) = it.next() {
-        let mut val = || {
-            it.next()
-                .unwrap_or_else(|| usage(&format!("{a} needs a value")))
-                .clone()
-        };
-        match a.as_str() {
-            "--containerd" => {
-                let v = val();
-                o.version = Version::parse(&v)
-                    .unwrap_or_else(|| usage(&format!("unknown containerd version {v}")))
-            }
-            "--serial" => {
-                o.serial = val()
-                    .parse()
-                    .unwrap_or_else(|_| usage("--serial takes a number"))
-            }
-            "--parallel" => {
-                o.parallel = val()
-                    .parse()
-                    .unwrap_or_else(|_| usage("--parallel takes a number"))
-            }
-            "--idle" => {
-                o.idle = val()
-                    .split(',')
-                    .map(|n| {
-                        n.parse()
-                            .unwrap_or_else(|_| usage("--idle takes numbers like 1,5,10"))
-                    })
-                    .collect()
-            }
-            "-h" | "--help" => usage(""),
-            other => usage(&format!("unknown argument {other}")),
+    let mut args = Args::from_env(
+        "kuasar-bench-vmm",
+        "[--containerd 1.6|2.1] [--serial N] [--parallel N] [--idle 1,5,10]",
+    );
+    while let Some(flag) = args.next_flag() {
+        match flag.as_str() {
+            "--containerd" => o.version = args.version(),
+            "--serial" => o.serial = args.count(),
+            "--parallel" => o.parallel = args.count(),
+            "--idle" => o.idle = args.numbers(),
+            _ => args.unknown(),
         }
     }
-    if o.serial == 0 || o.parallel == 0 || o.idle.is_empty() {
-        usage("counts must be positive");
+    if o.idle.is_empty() {
+        args.fail("--idle takes at least one number");
     }
     o
 }

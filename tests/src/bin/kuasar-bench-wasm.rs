@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 
 use kuasar_core::backend::{Backend, ContainerEvent, CreateRequest, Sandbox, SandboxRequest};
 use kuasar_core::config::WasmConfig;
-use kuasar_e2e::bench::{ms, percentile, pss_kb};
+use kuasar_e2e::bench::{ms, percentile, pss_kb, Args};
 use kuasar_e2e::{Env, Version, KUASAR_RUNC, RUNC_V2};
 use kuasar_host::stdio::StdioPaths;
 use kuasar_runc::Runc;
@@ -26,14 +26,6 @@ struct Opts {
     idle: Vec<usize>,
 }
 
-fn usage(msg: &str) -> ! {
-    if !msg.is_empty() {
-        eprintln!("kuasar-bench-wasm: {msg}");
-    }
-    eprintln!("usage: kuasar-bench-wasm [--containerd 1.6|2.1] [--starts N] [--serial N] [--idle 1,100,500]");
-    std::process::exit(2)
-}
-
 fn parse_opts() -> Opts {
     let mut o = Opts {
         version: Version::V1_6,
@@ -41,34 +33,17 @@ fn parse_opts() -> Opts {
         serial: 30,
         idle: vec![1, 100, 500],
     };
-    let args: Vec<String> = std::env::args().skip(1).collect();
-    let mut it = args.iter();
-    while let Some(a) = it.next() {
-        let mut val = || {
-            it.next()
-                .unwrap_or_else(|| usage(&format!("{a} needs a value")))
-                .clone()
-        };
-        let num = |v: String| {
-            v.parse::<usize>()
-                .unwrap_or_else(|_| usage(&format!("{a} takes a number")))
-        };
-        match a.as_str() {
-            "--containerd" => {
-                let v = val();
-                o.version = Version::parse(&v)
-                    .unwrap_or_else(|| usage(&format!("unknown containerd version {v}")))
-            }
-            "--starts" => o.starts = num(val()),
-            "--serial" => {
-                o.serial = num(val());
-                if o.serial == 0 {
-                    usage("--serial takes at least 1")
-                }
-            }
-            "--idle" => o.idle = val().split(',').map(|n| num(n.to_string())).collect(),
-            "-h" | "--help" => usage(""),
-            other => usage(&format!("unknown argument {other}")),
+    let mut args = Args::from_env(
+        "kuasar-bench-wasm",
+        "[--containerd 1.6|2.1] [--starts N] [--serial N] [--idle 1,100,500]",
+    );
+    while let Some(flag) = args.next_flag() {
+        match flag.as_str() {
+            "--containerd" => o.version = args.version(),
+            "--starts" => o.starts = args.number(),
+            "--serial" => o.serial = args.count(),
+            "--idle" => o.idle = args.numbers(),
+            _ => args.unknown(),
         }
     }
     o

@@ -7,7 +7,7 @@ use std::path::Path;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use kuasar_e2e::bench::{ms, percentile, print_table, pss_kb, push_latency_rows, Row};
+use kuasar_e2e::bench::{ms, percentile, print_table, pss_kb, push_latency_rows, Args, Row};
 use kuasar_e2e::{kuasar_bin_dir, processes, run_cmd, Env, Version, KUASAR_RUNC, RUNC_V2};
 
 struct Opts {
@@ -26,57 +26,21 @@ fn parse_opts() -> Opts {
         shim_starts: 50,
         pss_counts: vec![1, 10, 50],
     };
-    let args: Vec<String> = std::env::args().skip(1).collect();
-    let mut it = args.iter();
-    while let Some(a) = it.next() {
-        let mut val = || {
-            it.next()
-                .unwrap_or_else(|| usage(&format!("{a} needs a value")))
-                .clone()
-        };
-        match a.as_str() {
-            "--containerd" => {
-                let v = val();
-                o.version = Version::parse(&v)
-                    .unwrap_or_else(|| usage(&format!("unknown containerd version {v}")))
-            }
-            "--serial" => {
-                o.serial = val()
-                    .parse()
-                    .unwrap_or_else(|_| usage("--serial takes a number"))
-            }
-            "--parallel" => {
-                o.parallel = val()
-                    .parse()
-                    .unwrap_or_else(|_| usage("--parallel takes a number"))
-            }
-            "--shim-starts" => {
-                o.shim_starts = val()
-                    .parse()
-                    .unwrap_or_else(|_| usage("--shim-starts takes a number"))
-            }
-            "--pss" => {
-                o.pss_counts = val()
-                    .split(',')
-                    .map(|n| {
-                        n.parse()
-                            .unwrap_or_else(|_| usage("--pss takes numbers like 1,10,50"))
-                    })
-                    .collect()
-            }
-            "-h" | "--help" => usage(""),
-            other => usage(&format!("unknown argument {other}")),
+    let mut args = Args::from_env(
+        "kuasar-bench",
+        "[--containerd 1.6|2.1] [--serial N] [--parallel N] [--shim-starts N] [--pss 1,10,50]",
+    );
+    while let Some(flag) = args.next_flag() {
+        match flag.as_str() {
+            "--containerd" => o.version = args.version(),
+            "--serial" => o.serial = args.number(),
+            "--parallel" => o.parallel = args.number(),
+            "--shim-starts" => o.shim_starts = args.number(),
+            "--pss" => o.pss_counts = args.numbers(),
+            _ => args.unknown(),
         }
     }
     o
-}
-
-fn usage(msg: &str) -> ! {
-    if !msg.is_empty() {
-        eprintln!("kuasar-bench: {msg}");
-    }
-    eprintln!("usage: kuasar-bench [--containerd 1.6|2.1] [--serial N] [--parallel N] [--shim-starts N] [--pss 1,10,50]");
-    std::process::exit(2)
 }
 
 /// Wall time of `<shim> start` for a fresh bundle, as containerd runs it.
