@@ -753,10 +753,7 @@ state = '{d}/state'
 
     /// The holder and the daemon: what the node pays for.
     pub fn sandboxer_pids(&self) -> Vec<u32> {
-        self.holder_pid()
-            .into_iter()
-            .chain(self.sandboxer_pid())
-            .collect()
+        crate::holder_and_daemon(self.holder_pid())
     }
 
     /// Kills the daemon with SIGKILL; returns once it was started again

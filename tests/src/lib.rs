@@ -413,9 +413,22 @@ impl Env {
 
     /// The holder and the daemon: what the node pays for.
     pub fn sandboxer_pids(&self) -> Vec<u32> {
-        self.holder_pid()
-            .into_iter()
-            .chain(self.sandboxer_pid())
+        holder_and_daemon(self.holder_pid())
+    }
+
+    /// `ctr task ls` as (id, pid, status) rows.
+    pub fn tasks(&self) -> Vec<(String, String, String)> {
+        self.ctr_ok(&["task", "ls"])
+            .lines()
+            .skip(1)
+            .filter_map(|l| {
+                let mut f = l.split_whitespace();
+                Some((
+                    f.next()?.to_string(),
+                    f.next()?.to_string(),
+                    f.next()?.to_string(),
+                ))
+            })
             .collect()
     }
 
@@ -898,6 +911,14 @@ impl CtrClient {
         args.extend(cmd);
         self.run(&args)
     }
+}
+
+/// A holder and its daemon, as far as they run.
+pub fn holder_and_daemon(holder: Option<u32>) -> Vec<u32> {
+    holder
+        .into_iter()
+        .chain(holder.and_then(daemon_of))
+        .collect()
 }
 
 /// The daemon a holder runs: its child running the same binary.

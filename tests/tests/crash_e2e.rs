@@ -20,21 +20,6 @@ kuasar_e2e::both_versions!(
     repeated_crashes_under_a_create_and_exec_loop_leave_nothing_behind,
 );
 
-fn task_pids(env: &Env) -> Vec<(String, String, String)> {
-    env.ctr_ok(&["task", "ls"])
-        .lines()
-        .skip(1)
-        .filter_map(|l| {
-            let mut f = l.split_whitespace();
-            Some((
-                f.next()?.to_string(),
-                f.next()?.to_string(),
-                f.next()?.to_string(),
-            ))
-        })
-        .collect()
-}
-
 fn a_crash_with_twenty_running_containers_loses_no_task(v: Version) {
     let mut env = Env::start(v);
     let ids: Vec<String> = (0..20).map(|i| format!("c{i}")).collect();
@@ -55,7 +40,7 @@ fn a_crash_with_twenty_running_containers_loses_no_task(v: Version) {
     );
     let counting = std::thread::spawn(move || run_cmd(&mut fg, Duration::from_secs(120)));
     env.wait_status("fg", "RUNNING");
-    let before = task_pids(&env);
+    let before = env.tasks();
     assert_eq!(before.len(), 21, "{before:?}");
 
     let old = env.sandboxer_pid().unwrap();
@@ -68,7 +53,7 @@ fn a_crash_with_twenty_running_containers_loses_no_task(v: Version) {
     assert_eq!(lines.len(), 10, "{o}");
     assert_eq!(lines[9], "line 10");
 
-    let after = task_pids(&env);
+    let after = env.tasks();
     for id in &ids {
         let b = before.iter().find(|t| &t.0 == id).unwrap();
         let a = after.iter().find(|t| &t.0 == id);
@@ -98,7 +83,7 @@ fn a_crash_with_twenty_running_containers_loses_no_task(v: Version) {
     for id in &ids {
         env.remove(id);
     }
-    assert!(task_pids(&env).is_empty());
+    assert!(env.tasks().is_empty());
     env.assert_clean();
 }
 
