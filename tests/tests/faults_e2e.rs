@@ -24,7 +24,7 @@ const RUNNING: usize = 50;
 /// state, kills and deletes it. Failures are collected with what failed.
 fn busy_client(ctr: CtrClient, stop: Arc<AtomicBool>, errors: Arc<Mutex<Vec<String>>>) -> usize {
     let mut rounds = 0;
-    let mut fail = |what: String| errors.lock().unwrap().push(what);
+    let fail = |what: String| errors.lock().unwrap().push(what);
     while !stop.load(Ordering::SeqCst) {
         let id = format!("loop-{rounds}");
         let o = ctr.run_kuasar(&["-d"], &id, &["sleep", "600"]);

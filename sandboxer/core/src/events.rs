@@ -588,6 +588,8 @@ mod tests {
             listener,
             c.clone(),
             crate::rpc::server::ConnScope {
+                store: Arc::new(crate::fdstore::FdStore::none()),
+                allowed_uids: Arc::new(vec![0]),
                 registry: Default::default(),
                 sandbox: (String::new(), String::new()),
             },

@@ -322,6 +322,8 @@ mod tests {
             SockFlag::SOCK_CLOEXEC,
         )
         .unwrap();
+        // SAFETY: both ends were just made and are owned here alone.
+        let (a, b) = unsafe { (OwnedFd::from_raw_fd(a), OwnedFd::from_raw_fd(b)) };
         let (r, w) = nix::unistd::pipe().unwrap();
         send(a.as_raw_fd(), b"FDSTORE=1\nFDNAME=p\n", &[r, w]).unwrap();
         let (msg, fds) = recv(b.as_raw_fd()).unwrap().unwrap();

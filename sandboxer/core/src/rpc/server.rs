@@ -547,8 +547,8 @@ async fn serve_connection(
         pending.insert(stream_id, (payload, wait));
     }
     let mut whole: Vec<Frame> = Vec::new();
-    while !gone {
-        if *stop.borrow_and_update() {
+    loop {
+        if gone || *stop.borrow_and_update() {
             break;
         }
         let before = frames.buf.is_empty() && frames.skip == 0;

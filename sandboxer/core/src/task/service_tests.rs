@@ -69,6 +69,8 @@ async fn fixture() -> Fixture {
         listener,
         events.clone(),
         crate::rpc::server::ConnScope {
+            store: Arc::new(crate::fdstore::FdStore::none()),
+            allowed_uids: Arc::new(vec![0]),
             registry: Default::default(),
             sandbox: (String::new(), String::new()),
         },
