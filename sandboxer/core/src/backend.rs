@@ -179,8 +179,8 @@ pub trait Backend: Send + Sync {
 
     /// Removes whatever is left of a container the daemon no longer tracks
     /// (containerd's `shim delete` after a lost connection or a restart),
-    /// its rootfs included.
-    async fn cleanup(&self, namespace: &str, id: &str, bundle: &Path) -> Result<()>;
+    /// its rootfs included when its bundle is known.
+    async fn cleanup(&self, namespace: &str, id: &str, bundle: Option<&Path>) -> Result<()>;
 }
 
 /// One sandbox (pod) of a backend: what its containers share.

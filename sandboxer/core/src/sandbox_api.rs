@@ -122,11 +122,8 @@ fn pod_config(req: &CreateSandbox) -> Result<(PodConfig, SandboxResources), Stat
 impl Controller for SandboxController {
     async fn create(&self, req: CreateSandbox) -> Result<(), Status> {
         let kind = self.kind(&req)?;
-        if !req.netns_path.is_empty() && !std::path::Path::new(&req.netns_path).is_absolute() {
-            return Err(Status::invalid_argument(format!(
-                "netns path {:?} is not absolute",
-                req.netns_path
-            )));
+        if !req.netns_path.is_empty() {
+            crate::ids::validate_path("netns path", &req.netns_path)?;
         }
         let (pod, resources) = pod_config(&req)?;
         let backend = self.daemon.backend(kind)?;
@@ -377,6 +374,29 @@ mod tests {
         // The pod made first is untouched by the refused second Create.
         assert!(c.start("k8s.io", "pod").await.is_ok());
         c.shutdown("k8s.io", "pod").await.unwrap();
+        let sockets: Vec<_> = std::fs::read_dir(dir.path().join("k/t")).unwrap().collect();
+        assert!(sockets.is_empty(), "{sockets:?}");
+    }
+
+    #[tokio::test]
+    async fn sandbox_create_refuses_bad_namespaces_and_netns_paths_and_leaves_nothing() {
+        let dir = tempfile::tempdir().unwrap();
+        let c = controller(dir.path());
+        let mut bad_ns = create("pod", "io.containerd.kuasarrunc.v1");
+        bad_ns.namespace = "../etc".into();
+        let mut cases = vec![("namespace", bad_ns)];
+        for netns in ["netns/cni-1", "/var/run/netns/../../proc/1/ns/net", "/a\0b"] {
+            let mut req = create("pod", "io.containerd.kuasarrunc.v1");
+            req.netns_path = netns.into();
+            cases.push(("netns path", req));
+        }
+        for (what, req) in cases {
+            let e = c.create(req).await.unwrap_err();
+            assert_eq!(e.code, Code::InvalidArgument, "{e:?}");
+            assert!(e.message.contains(what), "{}", e.message);
+        }
+        let e = c.status("k8s.io", "pod", false).await.unwrap_err();
+        assert_eq!(e.code, Code::NotFound);
         let sockets: Vec<_> = std::fs::read_dir(dir.path().join("k/t")).unwrap().collect();
         assert!(sockets.is_empty(), "{sockets:?}");
     }

@@ -106,7 +106,7 @@ impl Backend for Runc {
         Ok(self.restored_sandbox(&req, record))
     }
 
-    async fn cleanup(&self, namespace: &str, id: &str, bundle: &Path) -> Result<()> {
+    async fn cleanup(&self, namespace: &str, id: &str, bundle: Option<&Path>) -> Result<()> {
         match self
             .shared
             .cli
@@ -117,7 +117,10 @@ impl Backend for Runc {
             Ok(_) | Err(Error::NotFound(_)) => {}
             Err(e) => return Err(e),
         }
-        Ok(Rootfs::adopt(bundle, true).unmount()?)
+        match bundle {
+            Some(bundle) => Ok(Rootfs::adopt(bundle, true).unmount()?),
+            None => Ok(()),
+        }
     }
 }
 

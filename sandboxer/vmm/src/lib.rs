@@ -154,7 +154,7 @@ impl Backend for Vmm {
         ))
     }
 
-    async fn cleanup(&self, _namespace: &str, _id: &str, _bundle: &Path) -> Result<()> {
+    async fn cleanup(&self, _namespace: &str, _id: &str, _bundle: Option<&Path>) -> Result<()> {
         // A VM's containers live and die with their VM, which its sandbox
         // stops; nothing of theirs is left on the host.
         Ok(())
