@@ -4,7 +4,8 @@
 //! stdio plumbing and persistence live above this seam; a backend says only
 //! how its sandboxes and containers run, and declares what it can do.
 
-#[cfg(test)]
+/// The core's tests and the fuzz targets drive the daemon with it.
+#[doc(hidden)]
 pub mod fake;
 
 use std::os::fd::OwnedFd;
