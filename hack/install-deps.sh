@@ -13,10 +13,11 @@ need=()
 # registry the CRI tests pull from. binutils: readelf checks the pause binary
 # (and objcopy/strip shrink the guest kernel). qemu-system-x86 (7.2) and cpio:
 # the microVM backend's qemu (TCG) and hack/build-guest-image.sh's initramfs;
-# its postinst starts no service. xz-utils: .ko.xz guest modules.
+# its postinst starts no service. xz-utils: .ko.xz guest modules. g++: the
+# libFuzzer runtime the fuzz targets (tests/fuzz) link.
 for p in containerd runc busybox-static python3 bsdutils procps util-linux iproute2 \
          protobuf-compiler containernetworking-plugins docker-registry iptables binutils \
-         qemu-system-x86 cpio xz-utils crun; do
+         qemu-system-x86 cpio xz-utils crun g++; do
   dpkg -s "$p" >/dev/null 2>&1 || need+=("$p")
 done
 if [ ${#need[@]} -gt 0 ]; then
@@ -47,6 +48,14 @@ fi
 containerd --version
 runc --version | head -1
 qemu-system-x86_64 --version | head -1
+# cargo fuzz (hack/fuzz.sh) runs on the nightly toolchain.
+if ! rustup toolchain list 2>/dev/null | grep -q '^nightly'; then
+  rustup toolchain install nightly --profile minimal
+fi
+if ! cargo fuzz --version >/dev/null 2>&1; then
+  cargo install cargo-fuzz --locked
+fi
+cargo fuzz --version
 # Third-party WASI programs for the wasm tests.
 bash "$(dirname -- "${BASH_SOURCE[0]}")/fetch-wasi-programs.sh" >/dev/null
 echo "WASI programs: $(ls "$PREFIX/wasi" | tr '\n' ' ')"

@@ -32,4 +32,6 @@ KUASAR_BUSYBOX_IMAGE=$PWD/target/kuasar-images/busybox.tar \
 KUASAR_PAUSE_IMAGE=$PWD/target/kuasar-images/pause.tar \
 KUASAR_GUEST_DIR=$PWD/target/kuasar-guest \
   cargo test --release --workspace --no-fail-fast -- --test-threads=2
+step "fuzz: every target of tests/fuzz briefly (hack/fuzz.sh)"
+bash hack/fuzz.sh 20000
 step "all tests passed"

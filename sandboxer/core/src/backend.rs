@@ -4,7 +4,8 @@
 //! stdio plumbing and persistence live above this seam; a backend says only
 //! how its sandboxes and containers run, and declares what it can do.
 
-#[cfg(test)]
+/// The core's tests and the fuzz targets drive the daemon with it.
+#[doc(hidden)]
 pub mod fake;
 
 use std::os::fd::OwnedFd;
@@ -196,8 +197,8 @@ pub trait Backend: Send + Sync {
 
     /// Removes whatever is left of a container the daemon no longer tracks
     /// (containerd's `shim delete` after a lost connection or a restart),
-    /// its rootfs included.
-    async fn cleanup(&self, namespace: &str, id: &str, bundle: &Path) -> Result<()>;
+    /// its rootfs included when its bundle is known.
+    async fn cleanup(&self, namespace: &str, id: &str, bundle: Option<&Path>) -> Result<()>;
 }
 
 /// One sandbox (pod) of a backend: what its containers share.

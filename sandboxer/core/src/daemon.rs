@@ -534,11 +534,16 @@ impl Daemon {
             &req.group
         };
         ids::validate("sandbox id", sandbox_id)?;
-        if !req.bundle.is_empty() && !Path::new(&req.bundle).is_absolute() {
-            return Err(Error::InvalidArgument(format!(
-                "bundle {:?} is not an absolute path",
-                req.bundle
-            )));
+        if !req.bundle.is_empty() {
+            ids::validate_path("bundle", &req.bundle)?;
+        }
+        for (what, address) in [
+            ("ttrpc address", &req.ttrpc_address),
+            ("grpc address", &req.grpc_address),
+        ] {
+            if !address.is_empty() {
+                ids::validate_address(what, address)?;
+            }
         }
         let sandbox = match self.find_sandbox(&req.namespace, sandbox_id, kind)? {
             Some(s) => s,
@@ -1057,6 +1062,11 @@ impl Daemon {
         let kind = self.parse_kind(&req.kind)?;
         ids::validate("namespace", &req.namespace)?;
         ids::validate("id", &req.id)?;
+        // Its rootfs is unmounted: an empty bundle names none.
+        let bundle = (!req.bundle.is_empty()).then(|| Path::new(&req.bundle));
+        if bundle.is_some() {
+            ids::validate_path("bundle", &req.bundle)?;
+        }
         let now = crate::task::nanos(std::time::SystemTime::now());
         let Some(task) = self
             .tasks
@@ -1078,7 +1088,7 @@ impl Daemon {
             // Not tracked: make sure the backend holds nothing and the
             // rootfs is unmounted, as containerd-shim-runc-v2 does.
             self.backend(kind)?
-                .cleanup(&req.namespace, &req.id, Path::new(&req.bundle))
+                .cleanup(&req.namespace, &req.id, bundle)
                 .await?;
             self.leave_sandbox(&req.namespace, &req.id, None);
             return Ok(wire::DeleteResponse {

@@ -115,7 +115,7 @@ pub async fn recover(daemon: &Arc<Daemon>, inherited: &mut Inherited) -> Result<
         if !alive.contains(&(ns.clone(), t.sandbox_id.clone())) {
             tracing::warn!(namespace = %ns, task = %id, "task of a sandbox that is gone: removed");
             if let Ok(b) = daemon.backend_named(&t.kind) {
-                let _ = b.cleanup(&ns, &id, &t.bundle).await;
+                let _ = b.cleanup(&ns, &id, Some(&t.bundle)).await;
             }
             state.remove(Record::Task, &ns, &id);
             report.removed += 1;

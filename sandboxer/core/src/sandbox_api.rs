@@ -122,11 +122,8 @@ fn pod_config(req: &CreateSandbox) -> Result<(PodConfig, SandboxResources), Stat
 impl Controller for SandboxController {
     async fn create(&self, req: CreateSandbox) -> Result<(), Status> {
         let kind = self.kind(&req)?;
-        if !req.netns_path.is_empty() && !std::path::Path::new(&req.netns_path).is_absolute() {
-            return Err(Status::invalid_argument(format!(
-                "netns path {:?} is not absolute",
-                req.netns_path
-            )));
+        if !req.netns_path.is_empty() {
+            crate::ids::validate_path("netns path", &req.netns_path)?;
         }
         let (pod, resources) = pod_config(&req)?;
         let backend = self.daemon.backend(kind)?;
@@ -265,7 +262,10 @@ pub async fn serve(
         daemon,
         socket_kind: None,
     });
-    if let Err(e) = kuasar_sandbox_api::serve_controller(listener, controller, shutdown).await {
+    let allowed_uids = controller.daemon.config.allowed_uids.clone();
+    if let Err(e) =
+        kuasar_sandbox_api::serve_controller(listener, controller, allowed_uids, shutdown).await
+    {
         tracing::error!("sandbox controller socket: {e}");
     }
 }
@@ -379,5 +379,192 @@ mod tests {
         c.shutdown("k8s.io", "pod").await.unwrap();
         let sockets: Vec<_> = std::fs::read_dir(dir.path().join("k/t")).unwrap().collect();
         assert!(sockets.is_empty(), "{sockets:?}");
+    }
+
+    #[tokio::test]
+    async fn sandbox_create_refuses_bad_namespaces_and_netns_paths_and_leaves_nothing() {
+        let dir = tempfile::tempdir().unwrap();
+        let c = controller(dir.path());
+        let mut bad_ns = create("pod", "io.containerd.kuasarrunc.v1");
+        bad_ns.namespace = "../etc".into();
+        let mut cases = vec![("namespace", bad_ns)];
+        for netns in ["netns/cni-1", "/var/run/netns/../../proc/1/ns/net", "/a\0b"] {
+            let mut req = create("pod", "io.containerd.kuasarrunc.v1");
+            req.netns_path = netns.into();
+            cases.push(("netns path", req));
+        }
+        for (what, req) in cases {
+            let e = c.create(req).await.unwrap_err();
+            assert_eq!(e.code, Code::InvalidArgument, "{e:?}");
+            assert!(e.message.contains(what), "{}", e.message);
+        }
+        let e = c.status("k8s.io", "pod", false).await.unwrap_err();
+        assert_eq!(e.code, Code::NotFound);
+        let sockets: Vec<_> = std::fs::read_dir(dir.path().join("k/t")).unwrap().collect();
+        assert!(sockets.is_empty(), "{sockets:?}");
+    }
+
+    mod grpc {
+        use std::os::unix::fs::PermissionsExt;
+        use std::sync::Arc;
+
+        use kuasar_sandbox_api::proto::containerd::services::sandbox::v1 as api;
+        use kuasar_sandbox_api::NAMESPACE_HEADER;
+        use tonic::codegen::http::uri::PathAndQuery;
+        use tonic::transport::{Channel, Endpoint};
+        use tonic_prost::ProstCodec;
+
+        use crate::backend::fake::FakeBackend;
+        use crate::config::Config;
+        use crate::control::tests::{connect_as_nobody, open_up};
+        use crate::daemon::Daemon;
+
+        struct Fixture {
+            dir: tempfile::TempDir,
+            daemon: Arc<Daemon>,
+            socket: std::path::PathBuf,
+        }
+
+        /// The daemon's sandbox controller on a socket bound as the daemon
+        /// binds it.
+        fn fixture() -> Fixture {
+            let dir = tempfile::tempdir().unwrap();
+            let config = Config {
+                root: dir.path().join("k"),
+                ..Config::default()
+            };
+            let daemon = Daemon::new(
+                config,
+                kuasar_host::reaper::Reaper::new(),
+                vec![Arc::new(FakeBackend)],
+            )
+            .unwrap();
+            let socket = dir.path().join("run/sandbox.sock");
+            let listener = crate::control::bind(&socket).unwrap();
+            tokio::spawn(super::super::serve(
+                listener,
+                daemon.clone(),
+                std::future::pending(),
+            ));
+            Fixture {
+                dir,
+                daemon,
+                socket,
+            }
+        }
+
+        async fn channel(path: &std::path::Path) -> Channel {
+            Endpoint::from_shared(format!("unix://{}", path.display()))
+                .unwrap()
+                .connect()
+                .await
+                .unwrap()
+        }
+
+        async fn call<Q, R>(ch: &Channel, method: &str, req: Q) -> Result<R, tonic::Status>
+        where
+            Q: prost::Message + 'static,
+            R: prost::Message + Default + 'static,
+        {
+            let mut grpc = tonic::client::Grpc::new(ch.clone());
+            grpc.ready()
+                .await
+                .map_err(|e| tonic::Status::unavailable(e.to_string()))?;
+            let mut req = tonic::Request::new(req);
+            req.metadata_mut()
+                .insert(NAMESPACE_HEADER, "k8s.io".parse().unwrap());
+            let path = PathAndQuery::from_maybe_shared(format!(
+                "/containerd.services.sandbox.v1.Controller/{method}"
+            ))
+            .unwrap();
+            grpc.unary(req, path, ProstCodec::default())
+                .await
+                .map(|r| r.into_inner())
+        }
+
+        fn create(id: &str) -> api::ControllerCreateRequest {
+            api::ControllerCreateRequest {
+                sandbox_id: id.into(),
+                sandbox: Some(kuasar_sandbox_api::proto::containerd::types::Sandbox {
+                    sandbox_id: id.into(),
+                    runtime: Some(
+                        kuasar_sandbox_api::proto::containerd::types::sandbox::Runtime {
+                            name: "io.containerd.kuasarrunc.v1".into(),
+                            options: None,
+                        },
+                    ),
+                    ..Default::default()
+                }),
+                ..Default::default()
+            }
+        }
+
+        /// A root-only socket whose one connection is relayed over
+        /// `conn`, so that a gRPC client in this process speaks with the
+        /// credentials `conn` was made with.
+        async fn relay(dir: &std::path::Path, conn: std::os::unix::net::UnixStream) -> Channel {
+            let path = dir.join("relay.sock");
+            let listener = tokio::net::UnixListener::bind(&path).unwrap();
+            std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600)).unwrap();
+            conn.set_nonblocking(true).unwrap();
+            let mut conn = tokio::net::UnixStream::from_std(conn).unwrap();
+            tokio::spawn(async move {
+                let (mut client, _) = listener.accept().await.unwrap();
+                let _ = tokio::io::copy_bidirectional(&mut client, &mut conn).await;
+            });
+            channel(&path).await
+        }
+
+        #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+        async fn a_peer_of_another_uid_is_refused_by_the_socket_mode_and_by_its_credentials() {
+            let f = fixture();
+            let socket = f.socket.clone();
+            let err = tokio::task::spawn_blocking(move || connect_as_nobody(&socket))
+                .await
+                .unwrap()
+                .unwrap_err();
+            assert_eq!(err.raw_os_error(), Some(libc::EACCES), "{err}");
+            open_up(f.dir.path(), &f.socket);
+            let socket = f.socket.clone();
+            let conn = tokio::task::spawn_blocking(move || connect_as_nobody(&socket))
+                .await
+                .unwrap()
+                .unwrap();
+            let nobody = relay(f.dir.path(), conn).await;
+            for method in ["Create", "Platform"] {
+                let err = call::<_, api::ControllerCreateResponse>(&nobody, method, create("pod"))
+                    .await
+                    .unwrap_err();
+                assert_eq!(err.code(), tonic::Code::PermissionDenied, "{err:?}");
+                assert!(err.message().contains("uid 65534"), "{err:?}");
+            }
+            assert!(f.daemon.sandbox("k8s.io", "pod").is_err());
+            // Root is served on the same socket.
+            let root = channel(&f.socket).await;
+            call::<_, api::ControllerCreateResponse>(&root, "Create", create("pod"))
+                .await
+                .unwrap();
+            assert!(f.daemon.sandbox("k8s.io", "pod").is_ok());
+        }
+
+        #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+        async fn an_oversized_request_is_refused_and_the_controller_serves_on() {
+            let f = fixture();
+            let ch = channel(&f.socket).await;
+            let mut big = create("pod");
+            big.annotations.insert(
+                "filler".into(),
+                "x".repeat(kuasar_sandbox_api::MAX_MESSAGE),
+            );
+            let err = call::<_, api::ControllerCreateResponse>(&ch, "Create", big)
+                .await
+                .unwrap_err();
+            assert_eq!(err.code(), tonic::Code::OutOfRange, "{err:?}");
+            assert!(f.daemon.sandbox("k8s.io", "pod").is_err());
+            call::<_, api::ControllerCreateResponse>(&ch, "Create", create("pod"))
+                .await
+                .unwrap();
+            assert!(f.daemon.sandbox("k8s.io", "pod").is_ok());
+        }
     }
 }

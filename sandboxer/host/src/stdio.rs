@@ -31,6 +31,30 @@ pub struct StdioPaths {
     pub terminal: bool,
 }
 
+impl StdioPaths {
+    /// The files these fields make the daemon open or run: the stdin and
+    /// output FIFOs, a `file://` log or a `binary://` log driver (the
+    /// scheme of stdout decides for both outputs), for the caller to vet
+    /// before anything is opened. An unknown scheme is refused.
+    pub fn paths(&self) -> Result<Vec<String>> {
+        let mut out = Vec::new();
+        if !self.stdin.is_empty() {
+            out.push(self.stdin.clone());
+        }
+        match parse_sink(&self.stdout)? {
+            Sink::Fifo => out.extend(
+                [&self.stdout, &self.stderr]
+                    .into_iter()
+                    .filter(|p| !p.is_empty())
+                    .cloned(),
+            ),
+            Sink::File(path) => out.push(path.to_string_lossy().into_owned()),
+            Sink::Binary { path, .. } => out.push(path),
+        }
+        Ok(out)
+    }
+}
+
 /// Where output goes; the scheme of the stdout URI decides for both streams.
 #[derive(Debug, PartialEq, Eq)]
 enum Sink {
@@ -571,5 +595,25 @@ mod tests {
             .unwrap_err()
             .to_string()
             .contains("unknown STDIO scheme"));
+    }
+
+    #[test]
+    fn paths_are_what_would_be_opened_or_run() {
+        let mut p = StdioPaths {
+            stdin: "/f/in".into(),
+            stdout: "/f/out".into(),
+            stderr: "/f/err".into(),
+            terminal: false,
+        };
+        assert_eq!(p.paths().unwrap(), ["/f/in", "/f/out", "/f/err"]);
+        p.stdout = "file:///var/log/x.log".into();
+        assert_eq!(p.paths().unwrap(), ["/f/in", "/var/log/x.log"]);
+        p.stdout = "binary:///usr/bin/log%67er?x=1".into();
+        assert_eq!(p.paths().unwrap(), ["/f/in", "/usr/bin/logger"]);
+        p.stdin.clear();
+        p.stdout.clear();
+        assert_eq!(p.paths().unwrap(), ["/f/err"]);
+        p.stdout = "s3://bucket".into();
+        assert!(p.paths().is_err());
     }
 }

@@ -135,7 +135,7 @@ impl Backend for Runc {
         Ok(())
     }
 
-    async fn cleanup(&self, namespace: &str, id: &str, bundle: &Path) -> Result<()> {
+    async fn cleanup(&self, namespace: &str, id: &str, bundle: Option<&Path>) -> Result<()> {
         match self
             .shared
             .cli
@@ -146,7 +146,10 @@ impl Backend for Runc {
             Ok(_) | Err(Error::NotFound(_)) => {}
             Err(e) => return Err(e),
         }
-        Ok(Rootfs::adopt(bundle, true).unmount()?)
+        match bundle {
+            Some(bundle) => Ok(Rootfs::adopt(bundle, true).unmount()?),
+            None => Ok(()),
+        }
     }
 }
 

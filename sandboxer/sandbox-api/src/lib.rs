@@ -105,7 +105,7 @@ mod types;
 
 pub use controller::Controller;
 pub use kuasar_protocol::Code;
-pub use proxy::{serve_controller, NAMESPACE_HEADER};
+pub use proxy::{serve_controller, MAX_MESSAGE, NAMESPACE_HEADER};
 pub use shim::{handle_ttrpc, TTRPC_SERVICE};
 pub use status::Status;
 pub use types::*;

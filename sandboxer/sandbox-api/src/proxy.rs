@@ -9,6 +9,8 @@ use std::time::Duration;
 use tokio::net::UnixListener;
 use tokio::sync::watch;
 use tokio_stream::wrappers::UnixListenerStream;
+use tonic::service::interceptor::InterceptedService;
+use tonic::transport::server::UdsConnectInfo;
 use tonic::{Request, Response};
 
 use crate::convert::*;
@@ -21,19 +23,31 @@ use crate::{Controller, Status};
 /// (`pkg/namespaces/grpc.go`).
 pub const NAMESPACE_HEADER: &str = "containerd-namespace";
 
+/// The largest request accepted, as containerd's own gRPC servers; a
+/// longer one is refused from its length prefix, before it is buffered.
+pub const MAX_MESSAGE: usize = 4 << 20;
+
 /// Serves the sandbox controller on `listener` until `shutdown` completes.
-/// Then it stops accepting, answers pending Wait calls with Unavailable (the
-/// proxy retries those, so a restarted daemon picks them up), and returns
-/// once the remaining calls have been answered.
+/// Only peers whose uid is in `allowed_uids` are served; any other gets
+/// PermissionDenied before its request is read. On `shutdown` it stops
+/// accepting, answers pending Wait calls with Unavailable (the proxy retries
+/// those, so a restarted daemon picks them up), and returns once the
+/// remaining calls have been answered.
 pub async fn serve_controller(
     listener: UnixListener,
     controller: Arc<dyn Controller>,
+    allowed_uids: Vec<u32>,
     shutdown: impl Future<Output = ()>,
 ) -> io::Result<()> {
     let (closing_tx, closing) = watch::channel(false);
     let service = api::controller_server::ControllerServer::new(GrpcController {
         controller,
         closing,
+    })
+    .max_decoding_message_size(MAX_MESSAGE);
+    let service = InterceptedService::new(service, move |req: Request<()>| {
+        check_peer(&req, &allowed_uids)?;
+        Ok(req)
     });
     let signal = async move {
         shutdown.await;
@@ -43,6 +57,24 @@ pub async fn serve_controller(
         .serve_with_incoming_shutdown(service, UnixListenerStream::new(listener), signal)
         .await
         .map_err(io::Error::other)
+}
+
+/// Refuses a peer whose uid is not allowed (or unknown).
+fn check_peer(req: &Request<()>, allowed_uids: &[u32]) -> Result<(), tonic::Status> {
+    let uid = req
+        .extensions()
+        .get::<UdsConnectInfo>()
+        .and_then(|info| info.peer_cred)
+        .map(|cred| cred.uid());
+    match uid {
+        Some(uid) if allowed_uids.contains(&uid) => Ok(()),
+        Some(uid) => Err(tonic::Status::permission_denied(format!(
+            "uid {uid} may not use the kuasar sandbox controller"
+        ))),
+        None => Err(tonic::Status::permission_denied(
+            "the peer's credentials are unknown",
+        )),
+    }
 }
 
 struct GrpcController {

@@ -197,9 +197,16 @@ mod proxy {
         let listener = UnixListener::bind(&path).unwrap();
         let fake = Arc::new(Fake::default());
         let (stop, stopped) = oneshot::channel::<()>();
-        let task = tokio::spawn(serve_controller(listener, fake.clone(), async move {
-            let _ = stopped.await;
-        }));
+        // This process's uid: the owner of the directory it just made.
+        let uid = std::os::unix::fs::MetadataExt::uid(&std::fs::metadata(dir.path()).unwrap());
+        let task = tokio::spawn(serve_controller(
+            listener,
+            fake.clone(),
+            vec![uid],
+            async move {
+                let _ = stopped.await;
+            },
+        ));
         let channel = Endpoint::from_shared(format!("unix://{}", path.display()))
             .unwrap()
             .connect()

@@ -34,6 +34,9 @@ pub struct AgentRecord {
 /// The status containerd reports for a process whose VM died: SIGKILL.
 pub const KILLED: u32 = 128 + 9;
 
+/// Events held for one container until its task is taken over.
+const MAX_UNROUTED: usize = 64;
+
 type Reply = std::result::Result<response::Result, api::Status>;
 
 #[derive(Default)]
@@ -291,11 +294,20 @@ impl Agent {
 
     fn route(&self, id: &str, ev: ContainerEvent) {
         let mut st = self.state.lock().unwrap();
-        match st.events.get(id) {
-            Some(sink) => {
-                let _ = sink.send(ev);
-            }
-            None => st.unrouted.entry(id.to_string()).or_default().push(ev),
+        if let Some(sink) = st.events.get(id) {
+            let _ = sink.send(ev);
+            return;
+        }
+        // Held only for a container the host knows (its task not yet
+        // taken over) or reported by the host itself once the VM is gone:
+        // a guest cannot fill the daemon with events of made-up ids.
+        if st.dead.is_none() && !st.live.contains_key(id) {
+            tracing::debug!(container = id, "dropped an event of an unknown container");
+            return;
+        }
+        let held = st.unrouted.entry(id.to_string()).or_default();
+        if held.len() < MAX_UNROUTED {
+            held.push(ev);
         }
     }
 
@@ -538,5 +550,37 @@ mod tests {
             events.try_recv().is_err(),
             "an exited process is not reported killed"
         );
+    }
+
+    #[tokio::test]
+    async fn a_guest_flooding_events_of_unknown_containers_cannot_grow_the_host() {
+        let (agent, mut guest) = pair();
+        // A container being taken over: known, its task not yet back.
+        agent.state.lock().unwrap().live.insert("c".into(), Default::default());
+        for i in 0..5000 {
+            let id = if i % 2 == 0 { format!("made-up-{i}") } else { "c".into() };
+            let f = Frame::event(id, event::Kind::Oom(api::Empty {}));
+            guest.write_all(&encode_frame(&f).unwrap()).await.unwrap();
+        }
+        // The frames are read in order: once an answer to a later call is
+        // in, every event before it was handled.
+        let a = agent.clone();
+        let c = tokio::spawn(async move { a.call(start("c"), Duration::from_secs(5)).await });
+        let r = next_request(&mut guest).await;
+        write_frame(&mut guest, &Frame::response(r.id, Ok(response::Result::Pid(1))))
+            .await
+            .unwrap();
+        c.await.unwrap().unwrap();
+        {
+            let st = agent.state.lock().unwrap();
+            assert_eq!(st.unrouted.keys().collect::<Vec<_>>(), ["c"]);
+            assert_eq!(st.unrouted["c"].len(), MAX_UNROUTED);
+        }
+        let (sink, mut events) = mpsc::unbounded_channel();
+        agent.add_container("c", sink);
+        for _ in 0..MAX_UNROUTED {
+            assert_eq!(events.try_recv().unwrap(), ContainerEvent::Oom);
+        }
+        assert!(events.try_recv().is_err());
     }
 }

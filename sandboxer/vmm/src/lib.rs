@@ -160,7 +160,7 @@ impl Backend for Vmm {
         sandbox::discard(&req.state_dir).await
     }
 
-    async fn cleanup(&self, _namespace: &str, _id: &str, _bundle: &Path) -> Result<()> {
+    async fn cleanup(&self, _namespace: &str, _id: &str, _bundle: Option<&Path>) -> Result<()> {
         // A VM's containers live and die with their VM, which its sandbox
         // stops; nothing of theirs is left on the host.
         Ok(())

@@ -152,7 +152,7 @@ impl Backend for Wasm {
         }))
     }
 
-    async fn cleanup(&self, namespace: &str, id: &str, bundle: &Path) -> Result<()> {
+    async fn cleanup(&self, namespace: &str, id: &str, bundle: Option<&Path>) -> Result<()> {
         // An instance leaves nothing outside the daemon but its rootfs; a
         // Linux container of the pod leaves what runc leaves.
         self.linux.cleanup(namespace, id, bundle).await

@@ -46,7 +46,7 @@ impl Backend for FakeBackend {
     ) -> Result<Arc<dyn Sandbox>> {
         Ok(Arc::new(FakeSandbox))
     }
-    async fn cleanup(&self, _: &str, _: &str, _: &std::path::Path) -> Result<()> {
+    async fn cleanup(&self, _: &str, _: &str, _: Option<&std::path::Path>) -> Result<()> {
         Ok(())
     }
 }

@@ -118,7 +118,7 @@ impl Container for LostContainer {
 
     async fn delete(&self, _force: bool) -> Result<()> {
         self.backend
-            .cleanup(&self.namespace, &self.id, &self.bundle)
+            .cleanup(&self.namespace, &self.id, Some(&self.bundle))
             .await
     }
 }

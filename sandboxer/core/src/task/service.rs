@@ -293,19 +293,15 @@ impl TaskService {
                 req.id
             )));
         }
+        ids::validate_path("bundle", &req.bundle)?;
         let bundle = std::path::PathBuf::from(&req.bundle);
-        if !bundle.is_absolute() {
-            return Err(Error::InvalidArgument(format!(
-                "bundle {:?} is not an absolute path",
-                req.bundle
-            )));
-        }
         let stdio = StdioPaths {
             stdin: req.stdin.clone(),
             stdout: req.stdout.clone(),
             stderr: req.stderr.clone(),
             terminal: req.terminal,
         };
+        ids::validate_stdio(&stdio)?;
         let (events_tx, events_rx) = tokio::sync::mpsc::unbounded_channel();
         let container = self
             .sandbox
@@ -527,6 +523,7 @@ impl TaskService {
             stderr: req.stderr.clone(),
             terminal: req.terminal,
         };
+        ids::validate_stdio(&stdio)?;
         {
             let mut execs = task.execs.lock().unwrap();
             if execs.contains_key(&req.exec_id) {

@@ -351,3 +351,125 @@ async fn unknown_ids_methods_and_services_get_clear_codes() {
     let resp: ConnectResponse = f.call("Connect", c).await.unwrap();
     assert_eq!(resp.task_pid, INIT_PID);
 }
+
+#[tokio::test]
+async fn create_refuses_relative_or_climbing_bundles_and_stdio_paths_and_keeps_nothing() {
+    let f = fixture().await;
+    let good = f._dir.path().join("c1").display().to_string();
+    let request = |bundle: &str, stdin: &str, stdout: &str, stderr: &str| {
+        let mut r = CreateTaskRequest::new();
+        r.id = "c1".into();
+        r.bundle = bundle.into();
+        r.stdin = stdin.into();
+        r.stdout = stdout.into();
+        r.stderr = stderr.into();
+        r
+    };
+    for (what, req) in [
+        ("bundle", request("", "", "", "")),
+        ("bundle", request("bundle/c1", "", "", "")),
+        ("bundle", request(&format!("{good}/../../c1"), "", "", "")),
+        ("stdio path", request(&good, "c1-stdin", "", "")),
+        ("stdio path", request(&good, "", "/run/fifo/../../etc/passwd", "")),
+        ("stdio path", request(&good, "", "/run/fifo/out", "../err")),
+        ("stdio path", request(&good, "", "file://var/log/c1.log", "")),
+        ("stdio path", request(&good, "", "binary:///bin/../tmp/driver", "")),
+        ("STDIO scheme", request(&good, "", "tcp://10.0.0.1:514", "")),
+    ] {
+        let err = f
+            .call::<_, CreateTaskResponse>("Create", req.clone())
+            .await
+            .unwrap_err();
+        assert_eq!(err.code(), Code::InvalidArgument, "{req:?}: {err}");
+        assert!(err.to_string().contains(what), "{req:?}: {err}");
+        assert!(!f.service.daemon.has_task("ns", "c1"));
+    }
+    f.create("c1").await;
+}
+
+#[tokio::test]
+async fn exec_refuses_bad_exec_ids_and_stdio_paths_and_keeps_nothing() {
+    let f = fixture().await;
+    f.create("c1").await;
+    f.call::<_, StartResponse>("Start", start("c1", ""))
+        .await
+        .unwrap();
+    let mut spec = Any::new();
+    spec.value = br#"{"args":["true"],"cwd":"/"}"#.to_vec();
+    let request = |exec_id: &str, stdout: &str| {
+        let mut r = ExecProcessRequest::new();
+        r.id = "c1".into();
+        r.exec_id = exec_id.into();
+        r.stdout = stdout.into();
+        r.spec = Some(spec.clone()).into();
+        r
+    };
+    for (what, req) in [
+        ("exec id", request("", "")),
+        ("exec id", request("../e1", "")),
+        ("exec id", request("e1/x", "")),
+        ("exec id", request(&"e".repeat(77), "")),
+        ("stdio path", request("e1", "e1-stdout")),
+        ("stdio path", request("e1", "/run/fifo/../../etc/shadow")),
+    ] {
+        let err = f.call::<_, Empty>("Exec", req.clone()).await.unwrap_err();
+        assert_eq!(err.code(), Code::InvalidArgument, "{req:?}: {err}");
+        assert!(err.to_string().contains(what), "{req:?}: {err}");
+        let task = f.service.daemon.task("ns", "c1").unwrap();
+        assert!(task.execs.lock().unwrap().is_empty());
+    }
+    f.call::<_, Empty>("Exec", request("e1", "/run/fifo/e1-stdout"))
+        .await
+        .unwrap();
+}
+
+#[tokio::test]
+async fn shim_requests_refuse_climbing_bundles_and_relative_containerd_addresses() {
+    let f = fixture().await;
+    let resolve = |bundle: &str, ttrpc: &str, grpc: &str| wire::ResolveRequest {
+        kind: "runc".into(),
+        namespace: "ns".into(),
+        id: "c2".into(),
+        bundle: bundle.into(),
+        ttrpc_address: ttrpc.into(),
+        grpc_address: grpc.into(),
+        ..Default::default()
+    };
+    for (what, req) in [
+        ("bundle", resolve("b/c2", "", "")),
+        ("bundle", resolve("/run/b/../../etc", "", "")),
+        ("ttrpc address", resolve("/b/c2", "containerd.sock.ttrpc", "")),
+        ("ttrpc address", resolve("/b/c2", "unix://../c.sock", "")),
+        ("grpc address", resolve("/b/c2", "", "/run/../tmp/c.sock")),
+    ] {
+        let err = f.service.daemon.resolve(&req).await.unwrap_err();
+        assert_eq!(err.code(), Code::InvalidArgument, "{req:?}: {err}");
+        assert!(err.to_string().contains(what), "{req:?}: {err}");
+        assert!(f.service.daemon.sandbox("ns", "c2").is_err());
+    }
+    f.service
+        .daemon
+        .resolve(&resolve(
+            "/b/c2",
+            "unix:///run/containerd/containerd.sock.ttrpc",
+            "/run/containerd/containerd.sock",
+        ))
+        .await
+        .unwrap();
+    // `shim delete` unmounts `<bundle>/rootfs`: only an absolute bundle
+    // that does not climb is accepted.
+    for bundle in ["rootfs/..", "b", "/b/../.."] {
+        let err = f
+            .service
+            .daemon
+            .shim_delete(&wire::DeleteRequest {
+                kind: "runc".into(),
+                namespace: "ns".into(),
+                id: "c2".into(),
+                bundle: bundle.into(),
+            })
+            .await
+            .unwrap_err();
+        assert_eq!(err.code(), Code::InvalidArgument, "{bundle:?}: {err}");
+    }
+}
