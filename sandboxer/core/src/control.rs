@@ -1,6 +1,6 @@
-//! The private socket the shims dial: root-only, one request/response pair
-//! per frame, anything malformed answered with an error and the connection
-//! closed, never a panic.
+//! The private socket the shims and `kuasar-ctl` dial: root-only, one
+//! request/response pair per frame, anything malformed answered with an
+//! error and the connection closed, never a panic.
 
 use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
@@ -15,6 +15,7 @@ use tokio::net::{UnixListener, UnixStream};
 
 use crate::daemon::Daemon;
 use crate::error::{io_context, Result};
+use crate::inspect;
 
 /// How long a peer may take to send a request before it is dropped.
 const READ_TIMEOUT: Duration = Duration::from_secs(10);
@@ -53,7 +54,9 @@ pub async fn serve(listener: UnixListener, daemon: Arc<Daemon>) {
 }
 
 async fn send(stream: &mut UnixStream, resp: &Response) -> std::io::Result<()> {
-    let frame = wire::encode_frame(resp).map_err(std::io::Error::other)?;
+    // Only `kuasar-ctl` asks for what can outgrow a request frame (a list).
+    let frame =
+        wire::encode_frame_within(resp, wire::MAX_REPLY_FRAME).map_err(std::io::Error::other)?;
     stream.write_all(&frame).await
 }
 
@@ -92,7 +95,7 @@ async fn serve_peer(mut stream: UnixStream, daemon: &Arc<Daemon>) -> std::io::Re
             Ok(r) => r,
             Err(e) => return send(&mut stream, &Response::error(e.code(), e.to_string())).await,
         };
-        let resp = handle(daemon, req.body).await;
+        let resp = handle(daemon, cred.uid(), req.body).await;
         send(&mut stream, &resp).await?;
     }
 }
@@ -113,15 +116,23 @@ impl Drop for Busy<'_> {
     }
 }
 
-async fn handle(daemon: &Arc<Daemon>, body: Option<request::Body>) -> Response {
+async fn handle(daemon: &Arc<Daemon>, uid: u32, body: Option<request::Body>) -> Response {
     let _busy = Busy::new(&daemon.control_calls);
     let result = match body {
+        Some(request::Body::List(_)) => Ok(response::Body::List(inspect::list(daemon))),
+        Some(request::Body::Health(_)) => Ok(response::Body::Health(inspect::health(daemon))),
+        Some(request::Body::Upgrade(r)) => Ok(response::Body::Upgrade(upgrade(daemon, uid, r))),
         Some(request::Body::Resolve(r)) => daemon
             .resolve(&r)
             .await
             .map(|address| response::Body::Resolve(wire::ResolveResponse { address })),
         Some(request::Body::Delete(r)) => daemon.shim_delete(&r).await.map(response::Body::Delete),
-        None => return Response::error(Code::InvalidArgument, "request has no body"),
+        None => {
+            return Response::error(
+                Code::InvalidArgument,
+                "request has no body, or one this kuasar-sandboxer does not know",
+            )
+        }
     };
     match result {
         Ok(body) => Response::new(body),
@@ -129,5 +140,33 @@ async fn handle(daemon: &Arc<Daemon>, body: Option<request::Body>) -> Response {
             tracing::info!("shim request refused: {e}");
             Response::error(e.code(), e.to_string())
         }
+    }
+}
+
+/// `kuasar-ctl upgrade`: refused with what blocks it, or set off. The
+/// daemon's signal loop runs a live upgrade on SIGUSR2, as for
+/// `systemctl reload`; this answer goes out before it stops reading.
+fn upgrade(daemon: &Daemon, uid: u32, req: wire::UpgradeRequest) -> wire::UpgradeResponse {
+    let blockers = inspect::upgrade_blockers(daemon);
+    let image_started_at_nanos = crate::task::nanos(daemon.image.started_at);
+    if req.check || !blockers.is_empty() {
+        if !req.check {
+            tracing::info!(uid, "live upgrade refused: {}", blockers.join("; "));
+        }
+        return wire::UpgradeResponse {
+            started: false,
+            blockers,
+            image_started_at_nanos,
+        };
+    }
+    tracing::info!(uid, "live upgrade requested");
+    let sent = nix::sys::signal::kill(nix::unistd::Pid::this(), nix::sys::signal::SIGUSR2);
+    wire::UpgradeResponse {
+        started: sent.is_ok(),
+        blockers: match sent {
+            Ok(()) => Vec::new(),
+            Err(e) => vec![format!("signalling the daemon: {e}")],
+        },
+        image_started_at_nanos,
     }
 }

@@ -10,6 +10,7 @@ pub mod daemon;
 pub mod error;
 pub mod events;
 pub mod ids;
+pub mod inspect;
 pub mod rpc;
 pub mod sandbox_api;
 pub mod state;
