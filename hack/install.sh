@@ -7,7 +7,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 [ "$(id -u)" = 0 ] || { echo "$0: run as root" >&2; exit 1; }
-BINS=(kuasar-sandboxer containerd-shim-kuasarrunc-v1 containerd-shim-kuasarwasm-v1 containerd-shim-kuasarvmm-v1)
+BINS=(kuasar-sandboxer kuasar-ctl containerd-shim-kuasarrunc-v1 containerd-shim-kuasarwasm-v1 containerd-shim-kuasarvmm-v1)
 missing=0
 for b in "${BINS[@]}"; do [ -x "target/release/$b" ] || missing=1; done
 if [ $missing = 1 ]; then
@@ -33,6 +33,7 @@ installed ${BINS[*]} to /usr/local/bin
 and the microVM guest image to /usr/local/share/kuasar/guest.
 next:
   systemctl daemon-reload && systemctl enable --now kuasar-sandboxer
+  kuasar-ctl health      # and: kuasar-ctl list, kuasar-ctl upgrade
   add the runtime to /etc/containerd/config.toml (hack/config/containerd-1.6.toml
   or hack/config/containerd-2.x.toml), make sure /usr/local/bin is in
   containerd's PATH, and restart containerd.

@@ -1,6 +1,8 @@
-//! Links the daemon as a position-dependent executable: its loader then
-//! applies no relocations at start, so the relocation tables and the data
-//! they would dirty (large with wasmtime linked in) stay out of its memory.
+//! Links the daemon position-independent (the default: ASLR for a root
+//! daemon that compiles untrusted wasm) with its relative relocations
+//! packed (DT_RELR; glibc 2.36, binutils 2.38): the loader reads a table of
+//! a few KB instead of 1.4 MB of RELA entries at every start, and those
+//! pages stay out of the daemon's memory.
 fn main() {
-    println!("cargo:rustc-link-arg-bin=kuasar-sandboxer=-no-pie");
+    println!("cargo:rustc-link-arg-bin=kuasar-sandboxer=-Wl,-z,pack-relative-relocs");
 }

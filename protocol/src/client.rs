@@ -32,8 +32,13 @@ impl Client {
     }
 
     fn call(&mut self, body: request::Body) -> Result<response::Body, Error> {
+        self.call_within(body, wire::MAX_FRAME)
+    }
+
+    /// A call whose reply may be up to `max` bytes.
+    fn call_within(&mut self, body: request::Body, max: usize) -> Result<response::Body, Error> {
         wire::write_frame(&mut self.stream, &Request::new(body))?;
-        let resp: Response = wire::read_frame(&mut self.stream)?;
+        let resp: Response = wire::read_frame_within(&mut self.stream, max)?;
         if resp.version != wire::PROTOCOL_VERSION {
             return Err(Error::Version { peer: resp.version });
         }
@@ -58,6 +63,33 @@ impl Client {
     pub fn delete(&mut self, req: wire::DeleteRequest) -> Result<wire::DeleteResponse, Error> {
         match self.call(request::Body::Delete(req))? {
             response::Body::Delete(r) => Ok(r),
+            _ => Err(Error::UnexpectedReply),
+        }
+    }
+
+    /// Every sandbox and task the daemon holds.
+    pub fn list(&mut self) -> Result<wire::ListResponse, Error> {
+        match self.call_within(
+            request::Body::List(wire::ListRequest {}),
+            wire::MAX_REPLY_FRAME,
+        )? {
+            response::Body::List(r) => Ok(r),
+            _ => Err(Error::UnexpectedReply),
+        }
+    }
+
+    pub fn health(&mut self) -> Result<wire::HealthResponse, Error> {
+        match self.call(request::Body::Health(wire::HealthRequest {}))? {
+            response::Body::Health(r) => Ok(r),
+            _ => Err(Error::UnexpectedReply),
+        }
+    }
+
+    /// Sets off a live upgrade, or with `check` only says what would refuse
+    /// one.
+    pub fn upgrade(&mut self, check: bool) -> Result<wire::UpgradeResponse, Error> {
+        match self.call(request::Body::Upgrade(wire::UpgradeRequest { check }))? {
+            response::Body::Upgrade(r) => Ok(r),
             _ => Err(Error::UnexpectedReply),
         }
     }

@@ -45,8 +45,8 @@ pub enum Error {
     Unreachable { path: String, source: io::Error },
     #[error("talking to the kuasar sandboxer: {0}")]
     Io(#[from] io::Error),
-    #[error("message of {0} bytes exceeds the {max} byte limit", max = crate::wire::MAX_FRAME)]
-    FrameTooLarge(usize),
+    #[error("message of {len} bytes exceeds the {max} byte limit")]
+    FrameTooLarge { len: usize, max: usize },
     #[error("malformed message: {0}")]
     Decode(#[from] prost::DecodeError),
     #[error("protocol version {peer} not supported (this side speaks {ours})", ours = crate::wire::PROTOCOL_VERSION)]
@@ -63,7 +63,7 @@ impl Error {
         match self {
             Error::Remote { code, .. } => *code,
             Error::Unreachable { .. } => Code::Unavailable,
-            Error::FrameTooLarge(_) => Code::ResourceExhausted,
+            Error::FrameTooLarge { .. } => Code::ResourceExhausted,
             Error::Decode(_) | Error::Version { .. } => Code::InvalidArgument,
             Error::Io(_) | Error::UnexpectedReply => Code::Unknown,
         }

@@ -157,6 +157,7 @@ pub async fn run_with_handover(
                 let _ = (&mut control).await;
                 let e = upgrade::upgrade(&daemon, control_fd.as_raw_fd(), &mut reaper_task).await;
                 tracing::error!("live upgrade failed, serving on: {e}");
+                daemon.image.upgrade_failed(&e);
                 reaper_task = tokio::spawn(reaper.clone().run());
                 control = serve_control(&control_fd, daemon.clone())?;
             }

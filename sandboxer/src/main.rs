@@ -1,3 +1,5 @@
+mod logging;
+
 use std::path::PathBuf;
 use std::process::ExitCode;
 
@@ -56,14 +58,10 @@ fn main() -> ExitCode {
     if let Some(listen) = cli.listen {
         config.listen = Some(listen);
     }
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(&config.log_level));
-    tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        // Colours only for a person at a terminal, not in journald or files.
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .init();
+    if let Err(e) = logging::init(&config) {
+        eprintln!("kuasar-sandboxer: {e}");
+        return ExitCode::FAILURE;
+    }
 
     // Orphaned container processes must be re-parented to the daemon so
     // that it sees their exits. Set before any thread or child exists. (It

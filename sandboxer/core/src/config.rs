@@ -21,6 +21,8 @@ pub struct Config {
     pub allowed_uids: Vec<u32>,
     /// `tracing` filter, overridden by `RUST_LOG`.
     pub log_level: String,
+    /// Lines of text, or one JSON object per event.
+    pub log_format: LogFormat,
     pub runc: RuncConfig,
     pub wasm: WasmConfig,
     pub vmm: VmmConfig,
@@ -28,6 +30,17 @@ pub struct Config {
     /// Where containerd 2.x's `[proxy_plugins.NAME] type = "sandbox"`
     /// connects; defaults to `<root>/sandbox.sock`.
     pub sandbox_listen: Option<PathBuf>,
+}
+
+/// How log lines are written (to stderr: journald or a file takes them).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    #[default]
+    Text,
+    /// One JSON object per line, the fields of the event and of the call
+    /// it belongs to at its top level.
+    Json,
 }
 
 /// The containerd whose pods arrive without a shim exec (containerd 2.x's
@@ -148,6 +161,7 @@ impl Default for Config {
             listen: None,
             allowed_uids: vec![0],
             log_level: "info".into(),
+            log_format: LogFormat::Text,
             runc: RuncConfig::default(),
             wasm: WasmConfig::default(),
             vmm: VmmConfig::default(),
@@ -207,6 +221,7 @@ root = "/tmp/k"
 listen = "/tmp/k/s.sock"
 allowed_uids = [0, 1000]
 log_level = "debug"
+log_format = "json"
 [runc]
 enabled = true
 binary = "/usr/sbin/runc"
@@ -219,6 +234,7 @@ max_instances = 600
         assert_eq!(c.root, PathBuf::from("/tmp/k"));
         assert_eq!(c.listen_path(), PathBuf::from("/tmp/k/s.sock"));
         assert_eq!(c.allowed_uids, vec![0, 1000]);
+        assert_eq!(c.log_format, LogFormat::Json);
         assert_eq!(c.runc.binary, "/usr/sbin/runc");
         assert!(c.vmm.enabled);
         assert_eq!(c.vmm.accel, "auto");
@@ -226,6 +242,7 @@ max_instances = 600
         assert_eq!(c.wasm.max_instances, 600);
         assert_eq!(c.wasm.max_memory_mib, 4096);
         assert!(toml::from_str::<Config>("roots = \"/x\"").is_err());
+        assert!(toml::from_str::<Config>("log_format = \"xml\"").is_err());
     }
 
     #[test]
@@ -237,6 +254,8 @@ max_instances = 600
         assert_eq!(built.root, shipped.root);
         assert_eq!(built.listen_path(), shipped.listen_path());
         assert_eq!(built.allowed_uids, shipped.allowed_uids);
+        assert_eq!(built.log_level, shipped.log_level);
+        assert_eq!(built.log_format, shipped.log_format);
         assert_eq!(built.runc.enabled, shipped.runc.enabled);
         assert_eq!(built.runc.binary, shipped.runc.binary);
         assert_eq!(built.wasm.enabled, shipped.wasm.enabled);

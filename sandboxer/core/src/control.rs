@@ -1,8 +1,9 @@
-//! The private socket the shims dial: root-only, one request/response pair
-//! per frame, anything malformed answered with an error and the connection
-//! closed, never a panic. A peer that stays silent or stops reading is
-//! dropped, and a bounded number of peers is served at once, so a stuck
-//! client cannot hold the daemon's descriptors or block other shims.
+//! The private socket the shims and `kuasar-ctl` dial: root-only, one
+//! request/response pair per frame, anything malformed answered with an
+//! error and the connection closed, never a panic. A peer that stays silent
+//! or stops reading is dropped, and a bounded number of peers is served at
+//! once, so a stuck client cannot hold the daemon's descriptors or block
+//! other shims.
 
 use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
@@ -18,6 +19,7 @@ use tokio::sync::Semaphore;
 
 use crate::daemon::Daemon;
 use crate::error::{io_context, Result};
+use crate::inspect;
 
 /// How long a peer may take to send a request before it is dropped.
 const READ_TIMEOUT: Duration = Duration::from_secs(10);
@@ -96,7 +98,9 @@ async fn send<S: AsyncWrite + Unpin>(
     resp: &Response,
     limit: Duration,
 ) -> std::io::Result<()> {
-    let frame = wire::encode_frame(resp).map_err(std::io::Error::other)?;
+    // Only `kuasar-ctl` asks for what can outgrow a request frame (a list).
+    let frame =
+        wire::encode_frame_within(resp, wire::MAX_REPLY_FRAME).map_err(std::io::Error::other)?;
     match tokio::time::timeout(limit, stream.write_all(&frame)).await {
         Ok(written) => written,
         Err(_) => Err(std::io::Error::new(
@@ -120,16 +124,18 @@ async fn serve_peer(
         );
         return send(&mut stream, &resp, limits.write_timeout).await;
     }
-    serve_stream(stream, daemon, limits).await
+    serve_stream(stream, daemon, cred.uid(), limits).await
 }
 
 /// Serves the requests of an allowed peer until it closes the connection,
 /// stays silent for `read_timeout` or leaves an answer unread for
 /// `write_timeout`. Anything malformed is answered and ends the connection.
+/// `uid` is the peer's, for the log.
 #[doc(hidden)]
 pub async fn serve_stream<S: AsyncRead + AsyncWrite + Unpin>(
     mut stream: S,
     daemon: &Arc<Daemon>,
+    uid: u32,
     limits: Limits,
 ) -> std::io::Result<()> {
     loop {
@@ -161,7 +167,7 @@ pub async fn serve_stream<S: AsyncRead + AsyncWrite + Unpin>(
                 return send(&mut stream, &resp, limits.write_timeout).await;
             }
         };
-        let resp = handle(daemon, req.body).await;
+        let resp = handle(daemon, uid, req.body).await;
         send(&mut stream, &resp, limits.write_timeout).await?;
     }
 }
@@ -182,15 +188,23 @@ impl Drop for Busy<'_> {
     }
 }
 
-async fn handle(daemon: &Arc<Daemon>, body: Option<request::Body>) -> Response {
+async fn handle(daemon: &Arc<Daemon>, uid: u32, body: Option<request::Body>) -> Response {
     let _busy = Busy::new(&daemon.control_calls);
     let result = match body {
+        Some(request::Body::List(_)) => Ok(response::Body::List(inspect::list(daemon))),
+        Some(request::Body::Health(_)) => Ok(response::Body::Health(inspect::health(daemon))),
+        Some(request::Body::Upgrade(r)) => Ok(response::Body::Upgrade(upgrade(daemon, uid, r))),
         Some(request::Body::Resolve(r)) => daemon
             .resolve(&r)
             .await
             .map(|address| response::Body::Resolve(wire::ResolveResponse { address })),
         Some(request::Body::Delete(r)) => daemon.shim_delete(&r).await.map(response::Body::Delete),
-        None => return Response::error(Code::InvalidArgument, "request has no body"),
+        None => {
+            return Response::error(
+                Code::InvalidArgument,
+                "request has no body, or one this kuasar-sandboxer does not know",
+            )
+        }
     };
     match result {
         Ok(body) => Response::new(body),
@@ -198,6 +212,34 @@ async fn handle(daemon: &Arc<Daemon>, body: Option<request::Body>) -> Response {
             tracing::info!("shim request refused: {e}");
             Response::error(e.code(), e.to_string())
         }
+    }
+}
+
+/// `kuasar-ctl upgrade`: refused with what blocks it, or set off. The
+/// daemon's signal loop runs a live upgrade on SIGUSR2, as for
+/// `systemctl reload`; this answer goes out before it stops reading.
+fn upgrade(daemon: &Daemon, uid: u32, req: wire::UpgradeRequest) -> wire::UpgradeResponse {
+    let blockers = inspect::upgrade_blockers(daemon);
+    let image_started_at_nanos = crate::task::nanos(daemon.image.started_at);
+    if req.check || !blockers.is_empty() {
+        if !req.check {
+            tracing::info!(uid, "live upgrade refused: {}", blockers.join("; "));
+        }
+        return wire::UpgradeResponse {
+            started: false,
+            blockers,
+            image_started_at_nanos,
+        };
+    }
+    tracing::info!(uid, "live upgrade requested");
+    let sent = nix::sys::signal::kill(nix::unistd::Pid::this(), nix::sys::signal::SIGUSR2);
+    wire::UpgradeResponse {
+        started: sent.is_ok(),
+        blockers: match sent {
+            Ok(()) => Vec::new(),
+            Err(e) => vec![format!("signalling the daemon: {e}")],
+        },
+        image_started_at_nanos,
     }
 }
 

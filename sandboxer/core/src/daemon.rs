@@ -117,6 +117,11 @@ impl Sandbox {
         self.life.lock().unwrap().explicit
     }
 
+    /// Containers resolved to it and not yet deleted.
+    pub fn members(&self) -> Vec<String> {
+        self.members.lock().unwrap().iter().cloned().collect()
+    }
+
     pub fn view(&self) -> SandboxView {
         let life = self.life.lock().unwrap();
         SandboxView {
@@ -319,6 +324,8 @@ pub struct Daemon {
     allowed_uids: Arc<Vec<u32>>,
     /// stderr write ends parked in the holder (see `park_stderr`).
     parked: Mutex<HashSet<String>>,
+    /// What `kuasar-ctl health` reports of this image.
+    pub image: crate::inspect::ImageLog,
 }
 
 fn key(namespace: &str, id: &str) -> Key {
@@ -385,6 +392,7 @@ impl Daemon {
             deleted: Mutex::new(HashMap::new()),
             conns: Arc::new(Registry::default()),
             control_calls: AtomicUsize::new(0),
+            image: Default::default(),
         }))
     }
 
@@ -414,6 +422,24 @@ impl Daemon {
             .ok_or_else(|| {
                 Error::NotFound(format!("sandbox {id} not found in namespace {namespace}"))
             })
+    }
+
+    /// Every sandbox, at this moment.
+    pub fn sandboxes(&self) -> Vec<Arc<Sandbox>> {
+        self.sandboxes.lock().unwrap().values().cloned().collect()
+    }
+
+    /// Every task, at this moment.
+    pub fn tasks(&self) -> Vec<Arc<Task>> {
+        self.tasks.lock().unwrap().values().cloned().collect()
+    }
+
+    /// The kinds whose backend is enabled.
+    pub fn enabled_kinds(&self) -> Vec<Kind> {
+        Kind::ALL
+            .into_iter()
+            .filter(|k| self.backends.contains_key(k))
+            .collect()
     }
 
     pub fn has_task(&self, namespace: &str, id: &str) -> bool {

@@ -11,6 +11,7 @@ pub mod error;
 pub mod events;
 pub mod fdstore;
 pub mod ids;
+pub mod inspect;
 pub mod recover;
 pub mod rpc;
 pub mod sandbox_api;

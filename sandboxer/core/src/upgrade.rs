@@ -202,10 +202,32 @@ fn cstring(b: &[u8]) -> Result<CString> {
     CString::new(b).map_err(|_| Error::Internal("argument holds a NUL byte".into()))
 }
 
-/// Re-executes this binary with the same argv; returns only on failure.
+/// The executable a live upgrade runs: the file now at the path this image
+/// was started from. An install replaces that file with a new one, and
+/// `/proc/self/exe` then still names the old, deleted one; without a file
+/// there, this image again.
+fn successor_binary() -> PathBuf {
+    let this = PathBuf::from("/proc/self/exe");
+    let Ok(link) = std::fs::read_link(&this) else {
+        return this;
+    };
+    let bytes = link.as_os_str().as_bytes();
+    let path = match bytes.strip_suffix(b" (deleted)") {
+        Some(b) => PathBuf::from(std::ffi::OsStr::from_bytes(b)),
+        None => link,
+    };
+    if path.is_file() {
+        path
+    } else {
+        this
+    }
+}
+
+/// Re-executes the daemon's binary with the same argv; returns only on
+/// failure.
 fn reexec(handover: &Path, holder: Option<RawFd>) -> Error {
     let result = (|| -> Result<std::convert::Infallible> {
-        let exe = cstring(b"/proc/self/exe")?;
+        let exe = cstring(successor_binary().as_os_str().as_bytes())?;
         let argv = std::env::args_os()
             .map(|a| cstring(a.as_bytes()))
             .collect::<Result<Vec<_>>>()?;
@@ -568,6 +590,7 @@ mod tests {
                         started: true,
                     },
                 }],
+                created_at_nanos: 1_600_000_000_000_000_000,
             }],
             connections: vec![ConnRecord {
                 fd: 5,

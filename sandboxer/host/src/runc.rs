@@ -40,7 +40,9 @@ impl RuncCli {
     pub async fn run(&self, namespace: &str, args: &[&str]) -> Result<Vec<u8>> {
         let mut cmd = self.command(namespace);
         cmd.args(args);
+        let started = std::time::Instant::now();
         let out = spawn::run(&self.reaper, cmd, true).await?;
+        log_run(args.first().copied(), started, out.status);
         if out.status != 0 {
             return Err(runc_error(args, &message_from_stderr(&out.stderr)));
         }
@@ -63,7 +65,9 @@ impl RuncCli {
         cmd.stdin(Stdio::from(stdio.stdin))
             .stdout(Stdio::from(stdio.stdout))
             .stderr(Stdio::from(stdio.stderr));
+        let started = std::time::Instant::now();
         let out = spawn::run(&self.reaper, cmd, false).await?;
+        log_run(args.first().map(String::as_str), started, out.status);
         if out.status != 0 {
             let log_text = std::fs::read(log).unwrap_or_default();
             let args: Vec<&str> = args.iter().map(String::as_str).collect();
@@ -71,6 +75,17 @@ impl RuncCli {
         }
         Ok(())
     }
+}
+
+/// One line per runc command, with how long it took: runc create and
+/// exec are most of a container's start.
+fn log_run(subcommand: Option<&str>, started: std::time::Instant, status: u32) {
+    tracing::debug!(
+        subcommand = subcommand.unwrap_or_default(),
+        status,
+        took_us = started.elapsed().as_micros() as u64,
+        "runc"
+    );
 }
 
 fn runc_error(args: &[&str], message: &str) -> Error {

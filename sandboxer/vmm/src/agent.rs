@@ -195,6 +195,27 @@ impl Agent {
 
     /// Sends a call and waits for its answer, at most `timeout`.
     pub async fn call(&self, call: request::Call, timeout: Duration) -> Result<response::Result> {
+        let started = std::time::Instant::now();
+        // The variant's name, without its (possibly large) content.
+        let name = tracing::enabled!(tracing::Level::DEBUG).then(|| {
+            let text = format!("{call:?}");
+            text.split(['(', ' '])
+                .next()
+                .unwrap_or_default()
+                .to_string()
+        });
+        let result = self.call_inner(call, timeout).await;
+        if let Some(name) = name {
+            let took_us = started.elapsed().as_micros() as u64;
+            match &result {
+                Ok(_) => tracing::debug!(call = %name, took_us, "agent call"),
+                Err(e) => tracing::debug!(call = %name, took_us, error = %e, "agent call failed"),
+            }
+        }
+        result
+    }
+
+    async fn call_inner(&self, call: request::Call, timeout: Duration) -> Result<response::Result> {
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
         let (tx, rx) = oneshot::channel();
         {

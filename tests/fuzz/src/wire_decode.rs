@@ -65,7 +65,7 @@ fn control_connection(plan: u8, bytes: &[u8]) {
     let rt = crate::runtime();
     let written = rt.block_on(async {
         let mut peer = Peer::new(plan, bytes);
-        control::serve_stream(&mut peer, &daemon, Limits::default())
+        control::serve_stream(&mut peer, &daemon, 0, Limits::default())
             .await
             .expect("serving a peer that reads everything fails");
         peer.written

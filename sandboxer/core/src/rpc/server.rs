@@ -24,6 +24,7 @@ use protobuf::Message;
 use tokio::io::Interest;
 use tokio::net::{UnixListener, UnixStream};
 use tokio::sync::{mpsc, watch};
+use tracing::Instrument;
 use ttrpc::proto::{Request, Response};
 
 use super::frame::{self, Frame, FrameBuf, Header, HEADER_LEN, TYPE_REQUEST, TYPE_RESPONSE};
@@ -711,17 +712,29 @@ async fn dispatch(handler: &Arc<dyn Handler>, payload: &[u8]) -> Vec<u8> {
     let started = std::time::Instant::now();
     let timeout = ctx.timeout;
     let name = format!("/{}/{}", req.service, req.method);
+    // Everything logged while the call runs carries these; the handler
+    // records the namespace (containerd 1.6 sends none: the sandbox's) and
+    // the task id once it has decoded the request.
+    let span = tracing::info_span!(
+        "call",
+        method = %name,
+        namespace = tracing::field::Empty,
+        id = tracing::field::Empty,
+    );
     // The handler runs as a task of its own: a panic in it becomes an
     // answer, and a call whose deadline passes runs on to its end (a Create
     // is finished, never dropped half-way) while the caller is told.
-    let mut call = tokio::spawn({
-        let handler = handler.clone();
-        async move {
-            handler
-                .handle(ctx, &req.service, &req.method, &req.payload)
-                .await
+    let mut call = tokio::spawn(
+        {
+            let handler = handler.clone();
+            async move {
+                handler
+                    .handle(ctx, &req.service, &req.method, &req.payload)
+                    .await
+            }
         }
-    });
+        .instrument(span.clone()),
+    );
     let joined = match timeout {
         Some(t) => match tokio::time::timeout(t, &mut call).await {
             Ok(joined) => joined,
@@ -739,10 +752,10 @@ async fn dispatch(handler: &Arc<dyn Handler>, payload: &[u8]) -> Vec<u8> {
         )))
     });
     let took_us = started.elapsed().as_micros() as u64;
-    match &result {
-        Ok(_) => tracing::debug!(took_us, "{name}"),
-        Err(e) => tracing::debug!(took_us, "{name}: {e}"),
-    }
+    span.in_scope(|| match &result {
+        Ok(_) => tracing::debug!(took_us, "done"),
+        Err(e) => tracing::debug!(took_us, error = %e, "failed"),
+    });
     match result {
         Ok(payload) => {
             let mut resp = Response::new();

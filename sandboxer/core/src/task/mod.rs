@@ -281,6 +281,8 @@ pub struct Task {
     /// Serialises writes of the task's state file; `true` once removed, so
     /// a late write cannot resurrect it.
     pub persisted: Mutex<bool>,
+    /// When Create made it (the Unix epoch: not known).
+    pub created_at: SystemTime,
 }
 
 /// What is persisted of a task, keyed by (namespace, id).
@@ -300,6 +302,9 @@ pub struct TaskRecord {
     /// Exec processes not yet deleted.
     #[serde(default)]
     pub execs: Vec<ExecRecord>,
+    /// 0: recorded by a version that did not keep it.
+    #[serde(default)]
+    pub created_at_nanos: i64,
 }
 
 /// What is persisted of an exec process.
@@ -362,6 +367,7 @@ impl Task {
                     process: p.record(),
                 })
                 .collect(),
+            created_at_nanos: nanos(self.created_at),
         }
     }
 
@@ -427,6 +433,30 @@ mod tests {
         let st = p.state.lock().unwrap();
         assert!(!st.exit_held);
         assert_eq!(st.status, Status::STOPPED);
+    }
+
+    #[test]
+    fn creation_time_is_recorded_and_missing_in_old_records_reads_as_unknown() {
+        let rec = TaskRecord {
+            namespace: "ns".into(),
+            id: "c".into(),
+            sandbox_id: "c".into(),
+            kind: "runc".into(),
+            bundle: "/b".into(),
+            backend: Default::default(),
+            init: Process::new("c", "", StdioPaths::default(), vec![], 1).record(),
+            execs: vec![],
+            created_at_nanos: 1_700_000_000_123_456_789,
+        };
+        let text = serde_json::to_string(&rec).unwrap();
+        let back: TaskRecord = serde_json::from_str(&text).unwrap();
+        assert_eq!(back.created_at_nanos, rec.created_at_nanos);
+        assert_eq!(nanos(from_nanos(rec.created_at_nanos)), rec.created_at_nanos);
+        let mut old: serde_json::Value = serde_json::from_str(&text).unwrap();
+        old.as_object_mut().unwrap().remove("created_at_nanos");
+        let back: TaskRecord = serde_json::from_value(old).unwrap();
+        assert_eq!(back.created_at_nanos, 0);
+        assert_eq!(from_nanos(0), UNIX_EPOCH);
     }
 
     #[test]

@@ -53,6 +53,7 @@ impl Handler for TaskService {
             .namespace
             .unwrap_or_else(|| self.sandbox.namespace.clone());
         ids::validate("namespace", &ns)?;
+        tracing::Span::current().record("namespace", ns.as_str());
         if service == kuasar_sandbox_api::TTRPC_SERVICE {
             // containerd 2.x's shim mode: the Sandbox API at the pod's address.
             let controller = SandboxController {
@@ -69,28 +70,31 @@ impl Handler for TaskService {
             )));
         }
         macro_rules! call {
-            ($f:ident) => {
-                encode(&self.$f(&ns, decode(payload)?).await?)
-            };
+            ($f:ident, $req:ty) => {{
+                let req: $req = decode(payload)?;
+                // The call's span (see rpc::server) names the task.
+                tracing::Span::current().record("id", req.id.as_str());
+                encode(&self.$f(&ns, req).await?)
+            }};
         }
         match method {
-            "Create" => call!(create),
-            "Start" => call!(start),
-            "Delete" => call!(delete),
-            "Pids" => call!(pids),
-            "Pause" => call!(pause),
-            "Resume" => call!(resume),
-            "Checkpoint" => call!(checkpoint),
-            "Kill" => call!(kill),
-            "Exec" => call!(exec),
-            "ResizePty" => call!(resize_pty),
-            "CloseIO" => call!(close_io),
-            "Update" => call!(update),
-            "Wait" => call!(wait),
-            "Stats" => call!(stats),
-            "Connect" => call!(connect),
-            "Shutdown" => call!(shutdown),
-            "State" => call!(state),
+            "Create" => call!(create, CreateTaskRequest),
+            "Start" => call!(start, StartRequest),
+            "Delete" => call!(delete, DeleteRequest),
+            "Pids" => call!(pids, PidsRequest),
+            "Pause" => call!(pause, PauseRequest),
+            "Resume" => call!(resume, ResumeRequest),
+            "Checkpoint" => call!(checkpoint, CheckpointTaskRequest),
+            "Kill" => call!(kill, KillRequest),
+            "Exec" => call!(exec, ExecProcessRequest),
+            "ResizePty" => call!(resize_pty, ResizePtyRequest),
+            "CloseIO" => call!(close_io, CloseIORequest),
+            "Update" => call!(update, UpdateTaskRequest),
+            "Wait" => call!(wait, WaitRequest),
+            "Stats" => call!(stats, StatsRequest),
+            "Connect" => call!(connect, ConnectRequest),
+            "Shutdown" => call!(shutdown, ShutdownRequest),
+            "State" => call!(state, StateRequest),
             other => Err(Error::Unimplemented(format!(
                 "/{service}/{other} is not implemented"
             ))),
@@ -252,6 +256,7 @@ pub async fn restore_task(
             namespace: rec.namespace,
         },
         persisted: Default::default(),
+        created_at: super::from_nanos(rec.created_at_nanos),
     });
     forward_events(daemon, &task, events_rx);
     Ok(task)
@@ -334,6 +339,7 @@ impl TaskService {
                 namespace: ns.into(),
             },
             persisted: Default::default(),
+            created_at: std::time::SystemTime::now(),
         });
         if let Err(e) = self.daemon.insert_task(task.clone()) {
             let _ = task.container.delete(true).await;

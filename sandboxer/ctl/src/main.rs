@@ -1,0 +1,5 @@
+//! `kuasar-ctl`: see the library.
+
+fn main() -> std::process::ExitCode {
+    kuasar_ctl::main()
+}
