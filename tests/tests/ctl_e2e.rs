@@ -88,7 +88,9 @@ impl PrivateBins {
         let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir_all(&dir).unwrap();
         let shims = kuasar_protocol::Kind::ALL.map(|k| k.shim_binary());
-        for name in ["kuasar-sandboxer", "kuasar-ctl"].iter().chain(&shims) {
+        // kuasar-wasm-programs: the wasm test image is built from this dir.
+        let tools = ["kuasar-sandboxer", "kuasar-ctl", "kuasar-wasm-programs"];
+        for name in tools.iter().chain(&shims) {
             std::fs::copy(kuasar_bin_dir().join(name), dir.join(name)).unwrap();
         }
         std::env::set_var("KUASAR_BIN_DIR", &dir);

@@ -472,7 +472,8 @@ impl Agent {
         }
         let mut spec: serde_json::Value = serde_json::from_slice(&c.spec)
             .map_err(|e| invalid(format!("the spec is not valid JSON: {e}")))?;
-        crate::spec::adapt(&mut spec).map_err(invalid)?;
+        let vm_sysctls = crate::spec::adapt(&mut spec).map_err(invalid)?;
+        crate::spec::apply_sysctls(&vm_sysctls).map_err(invalid)?;
         let bundle = Path::new(STATE).join("bundles").join(&c.id);
         std::fs::create_dir_all(&bundle)
             .map_err(|e| Status::new(code::INTERNAL, format!("creating the bundle: {e}")))?;

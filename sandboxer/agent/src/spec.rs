@@ -11,10 +11,35 @@ use serde_json::Value;
 /// host: `/proc/<pid>/ns/*` of a sandbox with no process in the guest) is
 /// the VM's too. Paths the guest has (a pause container's in the guest) are
 /// kept. Anything else named by a path the guest does not have is an error.
-pub fn adapt(spec: &mut Value) -> Result<(), String> {
+///
+/// A container that joins the VM's network this way cannot set `net.*`
+/// sysctls itself (runc refuses them without a network namespace of its
+/// own): they are the pod's network's, which is the VM's. They are taken
+/// out of the spec and returned, for the VM to apply (containerd 2.x sets
+/// `net.ipv4.ip_unprivileged_port_start` on every pod's sandbox).
+pub fn adapt(spec: &mut Value) -> Result<Vec<(String, String)>, String> {
     let exists = |p: &str| std::path::Path::new(p).exists();
     clamp_version(spec);
     adapt_with(spec, &exists)
+}
+
+/// Writes network sysctls for the VM's network namespace.
+pub fn apply_sysctls(sysctls: &[(String, String)]) -> Result<(), String> {
+    for (key, value) in sysctls {
+        let path = std::path::Path::new("/proc/sys").join(key.replace('.', "/"));
+        std::fs::write(&path, value).map_err(|e| format!("setting sysctl {key}={value}: {e}"))?;
+    }
+    Ok(())
+}
+
+/// A sysctl name the VM may be asked to set: `net.` and plain components.
+fn net_sysctl(key: &str) -> bool {
+    key.starts_with("net.")
+        && key.split('.').all(|c| {
+            !c.is_empty()
+                && c.bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-')
+        })
 }
 
 /// The newest runtime-spec version the guest's runtime accepts. Newer 1.x
@@ -33,8 +58,12 @@ fn clamp_version(spec: &mut Value) {
     }
 }
 
-fn adapt_with(spec: &mut Value, exists: &dyn Fn(&str) -> bool) -> Result<(), String> {
+fn adapt_with(
+    spec: &mut Value,
+    exists: &dyn Fn(&str) -> bool,
+) -> Result<Vec<(String, String)>, String> {
     let mut dropped_uts = false;
+    let mut joins_vm_network = false;
     if let Some(namespaces) = spec
         .pointer_mut("/linux/namespaces")
         .and_then(Value::as_array_mut)
@@ -51,7 +80,7 @@ fn adapt_with(spec: &mut Value, exists: &dyn Fn(&str) -> bool) -> Result<(), Str
                 continue;
             };
             match kind.as_str() {
-                "network" => {}
+                "network" => joins_vm_network = true,
                 _ if exists(&path) => kept.push(ns),
                 "ipc" => {}
                 "uts" => dropped_uts = true,
@@ -73,7 +102,30 @@ fn adapt_with(spec: &mut Value, exists: &dyn Fn(&str) -> bool) -> Result<(), Str
             obj.remove("hostname");
         }
     }
-    Ok(())
+    let mut vm_sysctls = Vec::new();
+    if joins_vm_network {
+        if let Some(sysctl) = spec
+            .pointer_mut("/linux/sysctl")
+            .and_then(Value::as_object_mut)
+        {
+            let keys: Vec<String> = sysctl
+                .keys()
+                .filter(|k| k.starts_with("net."))
+                .cloned()
+                .collect();
+            for key in keys {
+                let value = sysctl.remove(&key).unwrap_or_default();
+                let Some(value) = value.as_str() else {
+                    return Err(format!("sysctl {key}: the value is not a string"));
+                };
+                if !net_sysctl(&key) || value.contains('\n') {
+                    return Err(format!("sysctl {key}={value:?} is not a valid setting"));
+                }
+                vm_sysctls.push((key, value.to_string()));
+            }
+        }
+    }
+    Ok(vm_sysctls)
 }
 
 #[cfg(test)]
@@ -146,5 +198,39 @@ mod tests {
             json!({"linux": {"namespaces": [{"type": "pid", "path": "/proc/99/ns/pid"}]}});
         let e = adapt_with(&mut spec, &|_| false).unwrap_err();
         assert!(e.contains("pid namespace at /proc/99/ns/pid"), "{e}");
+    }
+
+    #[test]
+    fn net_sysctls_of_a_container_on_the_vms_network_are_the_vms() {
+        let mut spec = json!({"linux": {
+            "namespaces": [{"type": "network", "path": "/var/run/netns/cni-1"}],
+            "sysctl": {"net.ipv4.ip_unprivileged_port_start": "0", "kernel.shm_rmid_forced": "1"},
+        }});
+        let vm = adapt_with(&mut spec, &|_| false).unwrap();
+        assert_eq!(
+            vm,
+            vec![("net.ipv4.ip_unprivileged_port_start".into(), "0".into())]
+        );
+        assert_eq!(
+            spec["linux"]["sysctl"],
+            json!({"kernel.shm_rmid_forced": "1"})
+        );
+        // A container with a network namespace of its own keeps them.
+        let mut own = json!({"linux": {
+            "namespaces": [{"type": "network"}],
+            "sysctl": {"net.ipv4.ip_forward": "1"},
+        }});
+        assert!(adapt_with(&mut own, &|_| false).unwrap().is_empty());
+        assert_eq!(own["linux"]["sysctl"]["net.ipv4.ip_forward"], "1");
+        // Names that could leave /proc/sys/net are refused.
+        for bad in ["net....", "net.ipv4/../../x", "net.a b"] {
+            let mut sysctl = serde_json::Map::new();
+            sysctl.insert(bad.into(), "1".into());
+            let mut spec = json!({"linux": {
+                "namespaces": [{"type": "network", "path": "/x"}],
+                "sysctl": sysctl,
+            }});
+            assert!(adapt_with(&mut spec, &|_| false).is_err(), "{bad}");
+        }
     }
 }

@@ -163,7 +163,12 @@ mod tests {
     fn addresses_may_carry_the_unix_scheme() {
         validate_address("address", "/run/containerd/containerd.sock.ttrpc").unwrap();
         validate_address("address", "unix:///run/containerd/containerd.sock").unwrap();
-        for a in ["unix://run/x.sock", "x.sock", "unix:///run/../x.sock", "tcp://1.2.3.4:5"] {
+        for a in [
+            "unix://run/x.sock",
+            "x.sock",
+            "unix:///run/../x.sock",
+            "tcp://1.2.3.4:5",
+        ] {
             assert!(validate_address("address", a).is_err(), "{a:?} accepted");
         }
     }
@@ -181,9 +186,17 @@ mod tests {
     fn stdio_fifos_logs_and_drivers_must_be_absolute_and_clean() {
         for ok in [
             stdio("", "", ""),
-            stdio("/run/fifo/c-stdin", "/run/fifo/c-stdout", "/run/fifo/c-stderr"),
+            stdio(
+                "/run/fifo/c-stdin",
+                "/run/fifo/c-stdout",
+                "/run/fifo/c-stderr",
+            ),
             stdio("", "file:///var/log/c.log", ""),
-            stdio("", "binary:///usr/bin/logger?id=a%2Fb", "ignored-with-a-driver"),
+            stdio(
+                "",
+                "binary:///usr/bin/logger?id=a%2Fb",
+                "ignored-with-a-driver",
+            ),
         ] {
             validate_stdio(&ok).unwrap_or_else(|e| panic!("{ok:?}: {e}"));
         }

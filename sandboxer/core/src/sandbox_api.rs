@@ -552,10 +552,8 @@ mod tests {
             let f = fixture();
             let ch = channel(&f.socket).await;
             let mut big = create("pod");
-            big.annotations.insert(
-                "filler".into(),
-                "x".repeat(kuasar_sandbox_api::MAX_MESSAGE),
-            );
+            big.annotations
+                .insert("filler".into(), "x".repeat(kuasar_sandbox_api::MAX_MESSAGE));
             let err = call::<_, api::ControllerCreateResponse>(&ch, "Create", big)
                 .await
                 .unwrap_err();

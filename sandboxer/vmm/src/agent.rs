@@ -577,9 +577,18 @@ mod tests {
     async fn a_guest_flooding_events_of_unknown_containers_cannot_grow_the_host() {
         let (agent, mut guest) = pair();
         // A container being taken over: known, its task not yet back.
-        agent.state.lock().unwrap().live.insert("c".into(), Default::default());
+        agent
+            .state
+            .lock()
+            .unwrap()
+            .live
+            .insert("c".into(), Default::default());
         for i in 0..5000 {
-            let id = if i % 2 == 0 { format!("made-up-{i}") } else { "c".into() };
+            let id = if i % 2 == 0 {
+                format!("made-up-{i}")
+            } else {
+                "c".into()
+            };
             let f = Frame::event(id, event::Kind::Oom(api::Empty {}));
             guest.write_all(&encode_frame(&f).unwrap()).await.unwrap();
         }
@@ -588,9 +597,12 @@ mod tests {
         let a = agent.clone();
         let c = tokio::spawn(async move { a.call(start("c"), Duration::from_secs(5)).await });
         let r = next_request(&mut guest).await;
-        write_frame(&mut guest, &Frame::response(r.id, Ok(response::Result::Pid(1))))
-            .await
-            .unwrap();
+        write_frame(
+            &mut guest,
+            &Frame::response(r.id, Ok(response::Result::Pid(1))),
+        )
+        .await
+        .unwrap();
         c.await.unwrap().unwrap();
         {
             let st = agent.state.lock().unwrap();

@@ -186,7 +186,9 @@ mod tests {
             if plan == 0 {
                 assert_eq!(chunks.len(), 1);
             } else {
-                assert!(chunks.iter().all(|c| !c.is_empty() && c.len() <= plan as usize));
+                assert!(chunks
+                    .iter()
+                    .all(|c| !c.is_empty() && c.len() <= plan as usize));
             }
         }
         assert_eq!(Chunks::new(1, &bytes).count(), 256);

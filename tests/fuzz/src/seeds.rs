@@ -115,14 +115,22 @@ fn wire_seeds() -> Vec<(String, Vec<u8>)> {
     let mut other_version = resolve("c1", "");
     other_version.version = 2;
     let answers = [
-        frame(&Response::new(response::Body::Resolve(wire::ResolveResponse {
-            address: "unix:///run/kuasar/t/0123456789abcdef.sock".into(),
-        }))),
-        frame(&Response::error(kuasar_protocol::Code::NotFound, "no such task")),
+        frame(&Response::new(response::Body::Resolve(
+            wire::ResolveResponse {
+                address: "unix:///run/kuasar/t/0123456789abcdef.sock".into(),
+            },
+        ))),
+        frame(&Response::error(
+            kuasar_protocol::Code::NotFound,
+            "no such task",
+        )),
     ];
     vec![
         ("resolve".into(), planned(0, &[frame(&resolve("c1", ""))])),
-        ("resolve-in-small-chunks".into(), planned(3, &[frame(&resolve("c1", ""))])),
+        (
+            "resolve-in-small-chunks".into(),
+            planned(3, &[frame(&resolve("c1", ""))]),
+        ),
         (
             "pod-then-delete".into(),
             planned(
@@ -138,7 +146,13 @@ fn wire_seeds() -> Vec<(String, Vec<u8>)> {
         ("other-version".into(), planned(0, &[frame(&other_version)])),
         (
             "no-body".into(),
-            planned(0, &[frame(&Request { version: 1, body: None })]),
+            planned(
+                0,
+                &[frame(&Request {
+                    version: 1,
+                    body: None,
+                })],
+            ),
         ),
         (
             "oversized".into(),
@@ -184,7 +198,10 @@ fn ttrpc_seeds() -> Vec<(String, Vec<u8>)> {
     let f = |id, p: &Vec<u8>| ttrpc_frame(id, p.len() as u32, p);
     vec![
         ("state".into(), planned(0, &[f(1, &state)])),
-        ("two-in-chunks".into(), planned(7, &[f(1, &wait), f(3, &state)])),
+        (
+            "two-in-chunks".into(),
+            planned(7, &[f(1, &wait), f(3, &state)]),
+        ),
         (
             "oversized-then-state".into(),
             planned(
@@ -222,7 +239,10 @@ fn agent_seeds() -> Vec<(String, Vec<u8>)> {
         )),
         agent_frame(agent::Frame::response(
             2,
-            Err(agent::Status::new(agent::code::NOT_FOUND, "no such container")),
+            Err(agent::Status::new(
+                agent::code::NOT_FOUND,
+                "no such container",
+            )),
         )),
     ];
     vec![
@@ -356,7 +376,8 @@ fn task_seeds() -> Vec<(String, Vec<u8>)> {
     let sandbox = {
         let mut create = sandbox_api::CreateSandboxRequest::new();
         create.sandbox_id = SANDBOX_ID.into();
-        create.bundle_path = "/run/containerd/io.containerd.sandbox.controller.v1.shim/ns/c1".into();
+        create.bundle_path =
+            "/run/containerd/io.containerd.sandbox.controller.v1.shim/ns/c1".into();
         create.netns_path = "/var/run/netns/cni-1".into();
         let id = SANDBOX_ID.to_string();
         let mut start = sandbox_api::StartSandboxRequest::new();

@@ -50,15 +50,27 @@ const TASK_METHODS: [(&str, Decodes); 17] = [
 ];
 
 const SANDBOX_METHODS: [(&str, Decodes); 9] = [
-    ("CreateSandbox", decodes::<sandbox_api::CreateSandboxResponse>),
+    (
+        "CreateSandbox",
+        decodes::<sandbox_api::CreateSandboxResponse>,
+    ),
     ("StartSandbox", decodes::<sandbox_api::StartSandboxResponse>),
     ("Platform", decodes::<sandbox_api::PlatformResponse>),
     ("StopSandbox", decodes::<sandbox_api::StopSandboxResponse>),
     ("WaitSandbox", decodes::<sandbox_api::WaitSandboxResponse>),
-    ("SandboxStatus", decodes::<sandbox_api::SandboxStatusResponse>),
+    (
+        "SandboxStatus",
+        decodes::<sandbox_api::SandboxStatusResponse>,
+    ),
     ("PingSandbox", decodes::<sandbox_api::PingResponse>),
-    ("ShutdownSandbox", decodes::<sandbox_api::ShutdownSandboxResponse>),
-    ("SandboxMetrics", decodes::<sandbox_api::SandboxMetricsResponse>),
+    (
+        "ShutdownSandbox",
+        decodes::<sandbox_api::ShutdownSandboxResponse>,
+    ),
+    (
+        "SandboxMetrics",
+        decodes::<sandbox_api::SandboxMetricsResponse>,
+    ),
 ];
 
 /// Every (service, method) a call can pick: the Task API under both of its
@@ -70,12 +82,17 @@ pub fn methods() -> Vec<(&'static str, &'static str, Decodes)> {
     }
     all.extend(SANDBOX_METHODS.iter().map(|(m, d)| (SANDBOX, *m, *d)));
     all.push((TASK_V3, "Frobnicate", decodes::<api::Empty> as Decodes));
-    all.push(("containerd.task.v9.Task", "State", decodes::<api::StateResponse>));
+    all.push((
+        "containerd.task.v9.Task",
+        "State",
+        decodes::<api::StateResponse>,
+    ));
     all
 }
 
 /// The namespace metadata a call carries (`None`: none sent).
-pub const NAMESPACES: [Option<&str>; 5] = [Some("ns"), None, Some("default"), Some("../ns"), Some("")];
+pub const NAMESPACES: [Option<&str>; 5] =
+    [Some("ns"), None, Some("default"), Some("../ns"), Some("")];
 
 /// The sandbox the calls arrive at, as `shim start` resolved it.
 pub const SANDBOX_ID: &str = "c1";
@@ -167,8 +184,7 @@ pub fn outcomes(data: &[u8]) -> Vec<(&'static str, Outcome)> {
         for call in calls(data) {
             let (svc, method, answer_decodes) = methods[call.method as usize % methods.len()];
             let ctx = RequestContext {
-                namespace: NAMESPACES[call.namespace as usize % NAMESPACES.len()]
-                    .map(String::from),
+                namespace: NAMESPACES[call.namespace as usize % NAMESPACES.len()].map(String::from),
                 timeout: None,
             };
             let handled = service.handle(ctx, svc, method, call.payload);

@@ -63,7 +63,11 @@ pub fn run(data: &[u8]) {
     assert_eq!(got, want, "FrameBuf");
 
     // The async reader yields an oversized message only once skipped whole.
-    let whole = if cut { &want[..want.len() - 1] } else { &want[..] };
+    let whole = if cut {
+        &want[..want.len() - 1]
+    } else {
+        &want[..]
+    };
     let rt = crate::runtime();
     let read: Vec<Parsed> = rt.block_on(async {
         let mut peer = Peer::new(plan, bytes);

@@ -451,7 +451,10 @@ mod tests {
         let text = serde_json::to_string(&rec).unwrap();
         let back: TaskRecord = serde_json::from_str(&text).unwrap();
         assert_eq!(back.created_at_nanos, rec.created_at_nanos);
-        assert_eq!(nanos(from_nanos(rec.created_at_nanos)), rec.created_at_nanos);
+        assert_eq!(
+            nanos(from_nanos(rec.created_at_nanos)),
+            rec.created_at_nanos
+        );
         let mut old: serde_json::Value = serde_json::from_str(&text).unwrap();
         old.as_object_mut().unwrap().remove("created_at_nanos");
         let back: TaskRecord = serde_json::from_value(old).unwrap();

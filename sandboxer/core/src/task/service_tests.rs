@@ -370,10 +370,19 @@ async fn create_refuses_relative_or_climbing_bundles_and_stdio_paths_and_keeps_n
         ("bundle", request("bundle/c1", "", "", "")),
         ("bundle", request(&format!("{good}/../../c1"), "", "", "")),
         ("stdio path", request(&good, "c1-stdin", "", "")),
-        ("stdio path", request(&good, "", "/run/fifo/../../etc/passwd", "")),
+        (
+            "stdio path",
+            request(&good, "", "/run/fifo/../../etc/passwd", ""),
+        ),
         ("stdio path", request(&good, "", "/run/fifo/out", "../err")),
-        ("stdio path", request(&good, "", "file://var/log/c1.log", "")),
-        ("stdio path", request(&good, "", "binary:///bin/../tmp/driver", "")),
+        (
+            "stdio path",
+            request(&good, "", "file://var/log/c1.log", ""),
+        ),
+        (
+            "stdio path",
+            request(&good, "", "binary:///bin/../tmp/driver", ""),
+        ),
         ("STDIO scheme", request(&good, "", "tcp://10.0.0.1:514", "")),
     ] {
         let err = f
@@ -438,7 +447,10 @@ async fn shim_requests_refuse_climbing_bundles_and_relative_containerd_addresses
     for (what, req) in [
         ("bundle", resolve("b/c2", "", "")),
         ("bundle", resolve("/run/b/../../etc", "", "")),
-        ("ttrpc address", resolve("/b/c2", "containerd.sock.ttrpc", "")),
+        (
+            "ttrpc address",
+            resolve("/b/c2", "containerd.sock.ttrpc", ""),
+        ),
         ("ttrpc address", resolve("/b/c2", "unix://../c.sock", "")),
         ("grpc address", resolve("/b/c2", "", "/run/../tmp/c.sock")),
     ] {
