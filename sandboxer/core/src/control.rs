@@ -157,6 +157,8 @@ pub async fn serve_stream<S: AsyncRead + AsyncWrite + Unpin>(
         let mut body = vec![0u8; len];
         match tokio::time::timeout(limits.read_timeout, stream.read_exact(&mut body)).await {
             Ok(Ok(_)) => {}
+            // Gone in the middle of a frame: nobody is left to answer.
+            Ok(Err(e)) if e.kind() == std::io::ErrorKind::UnexpectedEof => return Ok(()),
             Ok(Err(e)) => return Err(e),
             Err(_) => return Ok(()),
         }
@@ -497,6 +499,29 @@ pub(crate) mod tests {
             "{resp:?}"
         );
         assert!(f.daemon.sandbox("ns", "c1").is_ok());
+    }
+
+    /// Found by the `wire_decode` fuzz target (corpus `regression-cut-body`):
+    /// a peer that closes after a frame's length prefix ends the connection
+    /// quietly, answered nothing, as one that closes between frames does.
+    #[tokio::test]
+    async fn a_peer_gone_in_the_middle_of_a_frame_ends_the_connection_quietly() {
+        let f = fixture(Limits::default());
+        for sent in [&[0u8, 0, 0, 1][..], &[0, 0, 0, 9, 1, 2], &[0, 0]] {
+            let (mut ours, theirs) = tokio::io::duplex(64);
+            tokio::io::AsyncWriteExt::write_all(&mut ours, sent)
+                .await
+                .unwrap();
+            tokio::io::AsyncWriteExt::shutdown(&mut ours).await.unwrap();
+            super::serve_stream(theirs, &f.daemon, 0, Limits::default())
+                .await
+                .unwrap();
+            let mut answer = Vec::new();
+            tokio::io::AsyncReadExt::read_to_end(&mut ours, &mut answer)
+                .await
+                .unwrap();
+            assert!(answer.is_empty(), "{sent:?}: {answer:?}");
+        }
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
