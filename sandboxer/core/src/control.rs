@@ -260,8 +260,6 @@ pub(crate) mod tests {
     use kuasar_protocol::Code;
 
     use super::{bind, serve_with, Limits};
-    use crate::backend::fake::FakeBackend;
-    use crate::config::Config;
     use crate::daemon::Daemon;
 
     /// The uid and gid a refused peer runs as.
@@ -403,16 +401,7 @@ pub(crate) mod tests {
 
     fn fixture(limits: Limits) -> Fixture {
         let dir = tempfile::tempdir().unwrap();
-        let config = Config {
-            root: dir.path().join("k"),
-            ..Config::default()
-        };
-        let daemon = Daemon::new(
-            config,
-            kuasar_host::reaper::Reaper::new(),
-            vec![Arc::new(FakeBackend)],
-        )
-        .unwrap();
+        let daemon = crate::backend::fake::daemon(&dir.path().join("k"));
         let socket = dir.path().join("run/sandboxer.sock");
         let listener = bind(&socket).unwrap();
         tokio::spawn(serve_with(listener, daemon.clone(), limits));

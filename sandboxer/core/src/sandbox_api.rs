@@ -275,20 +275,9 @@ mod tests {
     use kuasar_sandbox_api::{Code, SandboxRecord};
 
     use super::*;
-    use crate::backend::fake::FakeBackend;
-    use crate::config::Config;
 
     fn controller(dir: &std::path::Path) -> SandboxController {
-        let config = Config {
-            root: dir.join("k"),
-            ..Config::default()
-        };
-        let daemon = Daemon::new(
-            config,
-            kuasar_host::reaper::Reaper::new(),
-            vec![Arc::new(FakeBackend)],
-        )
-        .unwrap();
+        let daemon = crate::backend::fake::daemon(&dir.join("k"));
         SandboxController {
             daemon,
             socket_kind: None,
@@ -414,8 +403,6 @@ mod tests {
         use tonic::transport::{Channel, Endpoint};
         use tonic_prost::ProstCodec;
 
-        use crate::backend::fake::FakeBackend;
-        use crate::config::Config;
         use crate::control::tests::{connect_as_nobody, open_up};
         use crate::daemon::Daemon;
 
@@ -429,16 +416,7 @@ mod tests {
         /// binds it.
         fn fixture() -> Fixture {
             let dir = tempfile::tempdir().unwrap();
-            let config = Config {
-                root: dir.path().join("k"),
-                ..Config::default()
-            };
-            let daemon = Daemon::new(
-                config,
-                kuasar_host::reaper::Reaper::new(),
-                vec![Arc::new(FakeBackend)],
-            )
-            .unwrap();
+            let daemon = crate::backend::fake::daemon(&dir.path().join("k"));
             let socket = dir.path().join("run/sandbox.sock");
             let listener = crate::control::bind(&socket).unwrap();
             tokio::spawn(super::super::serve(

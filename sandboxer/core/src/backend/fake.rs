@@ -17,6 +17,20 @@ use crate::error::{Error, Result};
 
 pub const INIT_PID: u32 = 4242;
 
+/// A daemon over this backend alone, its state under `root`.
+pub fn daemon(root: &std::path::Path) -> Arc<crate::daemon::Daemon> {
+    let config = crate::config::Config {
+        root: root.to_path_buf(),
+        ..crate::config::Config::default()
+    };
+    crate::daemon::Daemon::new(
+        config,
+        kuasar_host::reaper::Reaper::new(),
+        vec![Arc::new(FakeBackend)],
+    )
+    .expect("starting a daemon over the fake backend")
+}
+
 pub struct FakeBackend;
 
 struct FakeContainer {
