@@ -14,8 +14,11 @@ use protobuf::Message;
 
 use crate::task_api::{self, SANDBOX, SANDBOX_ID, TASK_V2, TASK_V3};
 
+/// A fuzz target's body: one input.
+pub type Target = fn(&[u8]);
+
 /// Each target by name, with its body.
-pub const TARGETS: [(&str, fn(&[u8])); 4] = [
+pub const TARGETS: [(&str, Target); 4] = [
     ("wire_decode", crate::wire_decode::run),
     ("ttrpc_frame", crate::ttrpc_frame::run),
     ("task_api", crate::task_api::run),
