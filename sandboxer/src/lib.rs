@@ -152,7 +152,7 @@ pub async fn run_with_handover(
         tokio::select! {
             _ = term.recv() => break,
             _ = tokio::signal::ctrl_c() => break,
-            _ = usr2.recv() => {
+            _ = upgrade_asked(&daemon, &mut usr2) => {
                 control.abort();
                 let _ = (&mut control).await;
                 let e = upgrade::upgrade(&daemon, control_fd.as_raw_fd(), &mut reaper_task).await;
@@ -172,4 +172,12 @@ pub async fn run_with_handover(
     let _ = std::fs::remove_file(&sandbox_listen);
     tracing::info!("kuasar-sandboxer stopping");
     Ok(())
+}
+
+/// SIGUSR2, or `kuasar-ctl upgrade` through the private socket.
+async fn upgrade_asked(daemon: &daemon::Daemon, usr2: &mut tokio::signal::unix::Signal) {
+    tokio::select! {
+        _ = usr2.recv() => {}
+        _ = daemon.upgrade_requested.notified() => {}
+    }
 }

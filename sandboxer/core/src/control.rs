@@ -218,8 +218,8 @@ async fn handle(daemon: &Arc<Daemon>, uid: u32, body: Option<request::Body>) -> 
 }
 
 /// `kuasar-ctl upgrade`: refused with what blocks it, or set off. The
-/// daemon's signal loop runs a live upgrade on SIGUSR2, as for
-/// `systemctl reload`; this answer goes out before it stops reading.
+/// daemon's main loop runs the live upgrade, as on SIGUSR2 (`systemctl
+/// reload`); this answer goes out before it stops reading.
 fn upgrade(daemon: &Daemon, uid: u32, req: wire::UpgradeRequest) -> wire::UpgradeResponse {
     let blockers = inspect::upgrade_blockers(daemon);
     let image_started_at_nanos = crate::task::nanos(daemon.image.started_at);
@@ -234,13 +234,10 @@ fn upgrade(daemon: &Daemon, uid: u32, req: wire::UpgradeRequest) -> wire::Upgrad
         };
     }
     tracing::info!(uid, "live upgrade requested");
-    let sent = nix::sys::signal::kill(nix::unistd::Pid::this(), nix::sys::signal::SIGUSR2);
+    daemon.upgrade_requested.notify_one();
     wire::UpgradeResponse {
-        started: sent.is_ok(),
-        blockers: match sent {
-            Ok(()) => Vec::new(),
-            Err(e) => vec![format!("signalling the daemon: {e}")],
-        },
+        started: true,
+        blockers: Vec::new(),
         image_started_at_nanos,
     }
 }

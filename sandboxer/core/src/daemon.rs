@@ -326,6 +326,9 @@ pub struct Daemon {
     parked: Mutex<HashSet<String>>,
     /// What `kuasar-ctl health` reports of this image.
     pub image: crate::inspect::ImageLog,
+    /// `kuasar-ctl upgrade` asks the daemon's main loop for a live upgrade,
+    /// as SIGUSR2 does (a permit is kept until the loop takes it).
+    pub upgrade_requested: tokio::sync::Notify,
 }
 
 fn key(namespace: &str, id: &str) -> Key {
@@ -393,6 +396,7 @@ impl Daemon {
             conns: Arc::new(Registry::default()),
             control_calls: AtomicUsize::new(0),
             image: Default::default(),
+            upgrade_requested: tokio::sync::Notify::new(),
         }))
     }
 
