@@ -487,6 +487,41 @@ pub(crate) mod tests {
         assert!(f.daemon.sandbox("ns", "c1").is_ok());
     }
 
+    /// Found by the `wire_decode` fuzz target: an upgrade asked through
+    /// the socket is handed to the daemon's main loop, never raised as a
+    /// signal on the process that served it.
+    #[tokio::test]
+    async fn an_upgrade_request_is_handed_to_the_main_loop() {
+        let f = fixture(Limits::default());
+        let (mut ours, theirs) = tokio::io::duplex(4096);
+        let req = Request::new(request::Body::Upgrade(wire::UpgradeRequest {
+            check: false,
+        }));
+        let frame = wire::encode_frame(&req).unwrap();
+        tokio::io::AsyncWriteExt::write_all(&mut ours, &frame)
+            .await
+            .unwrap();
+        tokio::io::AsyncWriteExt::shutdown(&mut ours).await.unwrap();
+        super::serve_stream(theirs, &f.daemon, 0, Limits::default())
+            .await
+            .unwrap();
+        let mut answer = Vec::new();
+        tokio::io::AsyncReadExt::read_to_end(&mut ours, &mut answer)
+            .await
+            .unwrap();
+        let resp: Response = wire::read_frame(&mut answer.as_slice()).unwrap();
+        match resp.body {
+            Some(response::Body::Upgrade(u)) => assert!(u.started && u.blockers.is_empty()),
+            other => panic!("{other:?}"),
+        }
+        tokio::time::timeout(
+            Duration::from_secs(1),
+            f.daemon.upgrade_requested.notified(),
+        )
+        .await
+        .expect("the main loop was not asked for an upgrade");
+    }
+
     /// Found by the `wire_decode` fuzz target (corpus `regression-cut-body`):
     /// a peer that closes after a frame's length prefix ends the connection
     /// quietly, answered nothing, as one that closes between frames does.
