@@ -7,7 +7,7 @@ use crate::Version;
 
 /// A benchmark's command line, read flag by flag:
 ///
-/// ```ignore
+/// ```text
 /// let mut args = Args::from_env("kuasar-bench", "[--containerd 1.6|2.1] [--serial N]");
 /// while let Some(flag) = args.next_flag() {
 ///     match flag.as_str() {
