@@ -376,6 +376,17 @@ pub(crate) mod tests {
         }
     }
 
+    /// As bound, the directory and socket modes keep uid 65534 out of the
+    /// socket at `path`: its connect fails with EACCES.
+    pub(crate) async fn refused_by_its_mode(path: &Path) {
+        let path = path.to_path_buf();
+        let err = tokio::task::spawn_blocking(move || connect_as_nobody(&path))
+            .await
+            .unwrap()
+            .unwrap_err();
+        assert_eq!(err.raw_os_error(), Some(libc::EACCES), "{err}");
+    }
+
     /// Makes `path` and every directory above it up to `top` reachable by
     /// any uid, as a misconfigured node might.
     pub(crate) fn open_up(top: &Path, path: &Path) {
@@ -445,13 +456,7 @@ pub(crate) mod tests {
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_peer_of_another_uid_is_refused_by_the_socket_mode_and_by_its_credentials() {
         let f = fixture(Limits::default());
-        // As bound: the directory and socket modes keep uid 65534 out.
-        let socket = f.socket.clone();
-        let err = tokio::task::spawn_blocking(move || connect_as_nobody(&socket))
-            .await
-            .unwrap()
-            .unwrap_err();
-        assert_eq!(err.raw_os_error(), Some(libc::EACCES), "{err}");
+        refused_by_its_mode(&f.socket).await;
         // With the modes opened up, the daemon still refuses it by its
         // peer credentials, before reading any request.
         open_up(f.dir.path(), &f.socket);
@@ -487,28 +492,34 @@ pub(crate) mod tests {
         assert!(f.daemon.sandbox("ns", "c1").is_ok());
     }
 
-    /// Found by the `wire_decode` fuzz target: an upgrade asked through
-    /// the socket is handed to the daemon's main loop, never raised as a
-    /// signal on the process that served it.
-    #[tokio::test]
-    async fn an_upgrade_request_is_handed_to_the_main_loop() {
-        let f = fixture(Limits::default());
-        let (mut ours, theirs) = tokio::io::duplex(4096);
-        let req = Request::new(request::Body::Upgrade(wire::UpgradeRequest {
-            check: false,
-        }));
-        let frame = wire::encode_frame(&req).unwrap();
-        tokio::io::AsyncWriteExt::write_all(&mut ours, &frame)
+    /// Serves a root peer that sends `sent` and closes its side; returns
+    /// everything the daemon wrote back.
+    async fn serve_bytes(daemon: &Arc<Daemon>, sent: &[u8]) -> Vec<u8> {
+        let (mut ours, theirs) = tokio::io::duplex(sent.len().max(64));
+        tokio::io::AsyncWriteExt::write_all(&mut ours, sent)
             .await
             .unwrap();
         tokio::io::AsyncWriteExt::shutdown(&mut ours).await.unwrap();
-        super::serve_stream(theirs, &f.daemon, 0, Limits::default())
+        super::serve_stream(theirs, daemon, 0, Limits::default())
             .await
             .unwrap();
         let mut answer = Vec::new();
         tokio::io::AsyncReadExt::read_to_end(&mut ours, &mut answer)
             .await
             .unwrap();
+        answer
+    }
+
+    /// Found by the `wire_decode` fuzz target: an upgrade asked through
+    /// the socket is handed to the daemon's main loop, never raised as a
+    /// signal on the process that served it.
+    #[tokio::test]
+    async fn an_upgrade_request_is_handed_to_the_main_loop() {
+        let f = fixture(Limits::default());
+        let req = Request::new(request::Body::Upgrade(wire::UpgradeRequest {
+            check: false,
+        }));
+        let answer = serve_bytes(&f.daemon, &wire::encode_frame(&req).unwrap()).await;
         let resp: Response = wire::read_frame(&mut answer.as_slice()).unwrap();
         match resp.body {
             Some(response::Body::Upgrade(u)) => assert!(u.started && u.blockers.is_empty()),
@@ -529,18 +540,7 @@ pub(crate) mod tests {
     async fn a_peer_gone_in_the_middle_of_a_frame_ends_the_connection_quietly() {
         let f = fixture(Limits::default());
         for sent in [&[0u8, 0, 0, 1][..], &[0, 0, 0, 9, 1, 2], &[0, 0]] {
-            let (mut ours, theirs) = tokio::io::duplex(64);
-            tokio::io::AsyncWriteExt::write_all(&mut ours, sent)
-                .await
-                .unwrap();
-            tokio::io::AsyncWriteExt::shutdown(&mut ours).await.unwrap();
-            super::serve_stream(theirs, &f.daemon, 0, Limits::default())
-                .await
-                .unwrap();
-            let mut answer = Vec::new();
-            tokio::io::AsyncReadExt::read_to_end(&mut ours, &mut answer)
-                .await
-                .unwrap();
+            let answer = serve_bytes(&f.daemon, sent).await;
             assert!(answer.is_empty(), "{sent:?}: {answer:?}");
         }
     }

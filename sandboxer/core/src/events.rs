@@ -587,12 +587,7 @@ mod tests {
         let h = tokio::spawn(crate::rpc::server::serve_listener(
             listener,
             c.clone(),
-            crate::rpc::server::ConnScope {
-                store: Arc::new(crate::fdstore::FdStore::none()),
-                allowed_uids: Arc::new(vec![0]),
-                registry: Default::default(),
-                sandbox: (String::new(), String::new()),
-            },
+            crate::rpc::server::ConnScope::unparked(),
         ));
         (c, h)
     }

@@ -403,7 +403,7 @@ mod tests {
         use tonic::transport::{Channel, Endpoint};
         use tonic_prost::ProstCodec;
 
-        use crate::control::tests::{connect_as_nobody, open_up};
+        use crate::control::tests::{connect_as_nobody, open_up, refused_by_its_mode};
         use crate::daemon::Daemon;
 
         struct Fixture {
@@ -496,12 +496,7 @@ mod tests {
         #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
         async fn a_peer_of_another_uid_is_refused_by_the_socket_mode_and_by_its_credentials() {
             let f = fixture();
-            let socket = f.socket.clone();
-            let err = tokio::task::spawn_blocking(move || connect_as_nobody(&socket))
-                .await
-                .unwrap()
-                .unwrap_err();
-            assert_eq!(err.raw_os_error(), Some(libc::EACCES), "{err}");
+            refused_by_its_mode(&f.socket).await;
             open_up(f.dir.path(), &f.socket);
             let socket = f.socket.clone();
             let conn = tokio::task::spawn_blocking(move || connect_as_nobody(&socket))

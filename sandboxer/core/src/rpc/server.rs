@@ -237,6 +237,19 @@ pub struct ConnScope {
     pub allowed_uids: Arc<Vec<u32>>,
 }
 
+#[cfg(test)]
+impl ConnScope {
+    /// A root-only socket of no sandbox whose connections are not parked.
+    pub fn unparked() -> ConnScope {
+        ConnScope {
+            store: Arc::new(FdStore::none()),
+            allowed_uids: Arc::new(vec![0]),
+            registry: Default::default(),
+            sandbox: (String::new(), String::new()),
+        }
+    }
+}
+
 /// The descriptor-store name of connection `n` of `sandbox`.
 pub fn conn_name(n: u64, sandbox: &(String, String)) -> String {
     format!("c/{n}/{}/{}", sandbox.0, sandbox.1)

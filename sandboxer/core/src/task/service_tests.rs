@@ -14,13 +14,10 @@ use protobuf::well_known_types::any::Any;
 use protobuf::Message;
 
 use super::TaskService;
-use crate::config::Config;
-use crate::daemon::Daemon;
 use crate::error::Result;
 use crate::rpc::{Handler, RequestContext};
-use kuasar_host::reaper::Reaper;
 
-use crate::backend::fake::{FakeBackend, INIT_PID};
+use crate::backend::fake::INIT_PID;
 
 /// A containerd events service that records (topic, type URL).
 #[derive(Default)]
@@ -57,23 +54,14 @@ struct Fixture {
 
 async fn fixture() -> Fixture {
     let dir = tempfile::tempdir().unwrap();
-    let config = Config {
-        root: dir.path().join("k"),
-        ..Config::default()
-    };
-    let daemon = Daemon::new(config, Reaper::new(), vec![Arc::new(FakeBackend)]).unwrap();
+    let daemon = crate::backend::fake::daemon(&dir.path().join("k"));
     let events = Arc::new(Events::default());
     let events_sock = dir.path().join("events.sock");
     let listener = tokio::net::UnixListener::bind(&events_sock).unwrap();
     tokio::spawn(crate::rpc::server::serve_listener(
         listener,
         events.clone(),
-        crate::rpc::server::ConnScope {
-            store: Arc::new(crate::fdstore::FdStore::none()),
-            allowed_uids: Arc::new(vec![0]),
-            registry: Default::default(),
-            sandbox: (String::new(), String::new()),
-        },
+        crate::rpc::server::ConnScope::unparked(),
     ));
     daemon
         .resolve(&wire::ResolveRequest {
