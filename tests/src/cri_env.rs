@@ -759,7 +759,11 @@ state = '{d}/state'
     /// Kills the daemon with SIGKILL; returns once it was started again
     /// and took over.
     pub fn crash_sandboxer(&mut self) -> u32 {
-        crate::crash_daemon(&self.dir, self.holder_pid().expect("sandboxer not running"))
+        crate::crash_daemon(
+            &self.dir,
+            self.holder_pid().expect("sandboxer not running"),
+            || {},
+        )
     }
 
     pub fn ctr(&self, args: &[&str]) -> crate::Out {

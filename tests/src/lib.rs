@@ -321,7 +321,7 @@ pub(crate) fn new_dir_named(prefix: &str) -> PathBuf {
     dir
 }
 
-pub(crate) fn wait_for(what: &str, timeout: Duration, mut ready: impl FnMut() -> bool) {
+pub fn wait_for(what: &str, timeout: Duration, mut ready: impl FnMut() -> bool) {
     let deadline = Instant::now() + timeout;
     while !ready() {
         assert!(
@@ -435,7 +435,18 @@ impl Env {
     /// Kills the daemon with SIGKILL and waits until the holder has
     /// started it again and it has taken over; returns the new pid.
     pub fn crash_sandboxer(&mut self) -> u32 {
-        crash_daemon(&self.dir, self.holder_pid().expect("sandboxer not running"))
+        self.crash_sandboxer_while(|| {})
+    }
+
+    /// As [`Env::crash_sandboxer`], with `while_down` run after the daemon
+    /// died and before the holder may start it again (the holder is
+    /// stopped meanwhile).
+    pub fn crash_sandboxer_while(&mut self, while_down: impl FnOnce()) -> u32 {
+        crash_daemon(
+            &self.dir,
+            self.holder_pid().expect("sandboxer not running"),
+            while_down,
+        )
     }
 
     /// Live-upgrades the sandboxer (SIGUSR2: it re-executes itself) and
@@ -933,7 +944,7 @@ pub fn daemon_of(holder: u32) -> Option<u32> {
 
 /// SIGKILLs the daemon under `holder` (env `dir`) and waits until the
 /// holder has started it again and it has taken over; returns its pid.
-pub(crate) fn crash_daemon(dir: &Path, holder: u32) -> u32 {
+pub(crate) fn crash_daemon(dir: &Path, holder: u32, while_down: impl FnOnce()) -> u32 {
     let log = dir.join("sandboxer.log");
     let ready = || {
         std::fs::read_to_string(&log)
@@ -943,8 +954,22 @@ pub(crate) fn crash_daemon(dir: &Path, holder: u32) -> u32 {
     };
     let before = ready();
     let old = daemon_of(holder).expect("no daemon under the holder");
-    // SAFETY: plain kill(2).
-    assert_eq!(unsafe { libc::kill(old as i32, libc::SIGKILL) }, 0);
+    // SAFETY: plain kill(2) on processes of this test.
+    unsafe {
+        assert_eq!(libc::kill(holder as i32, libc::SIGSTOP), 0);
+        assert_eq!(libc::kill(old as i32, libc::SIGKILL), 0);
+    }
+    // The daemon is gone (a zombie until the holder runs again).
+    wait_for("the daemon's death", Duration::from_secs(10), || {
+        std::fs::read_to_string(format!("/proc/{old}/stat")).map_or(true, |s| {
+            s.rsplit(')')
+                .next()
+                .is_some_and(|r| r.trim_start().starts_with('Z'))
+        })
+    });
+    while_down();
+    // SAFETY: as above.
+    assert_eq!(unsafe { libc::kill(holder as i32, libc::SIGCONT) }, 0);
     wait_for("the restarted sandboxer", Duration::from_secs(30), || {
         ready() > before && daemon_of(holder).is_some_and(|p| p != old)
     });

@@ -2,11 +2,11 @@
 //! run, on real containerd 1.6.20 and 2.1.9. The holder keeps containerd's
 //! connections and the listening sockets, starts the daemon again, and the
 //! new daemon takes over from the persisted records and the connections'
-//! journals: runc containers keep running and stay known to containerd,
-//! calls in flight (a foreground `ctr run` waiting for its exit) are
-//! answered, wasm instances and VMs (which die with the daemon, or cannot
-//! be resumed) report exit 255 with the reason on stderr, and nothing
-//! leaks.
+//! journals: runc containers and microVMs keep running and stay known to
+//! containerd, calls in flight (a foreground `ctr run` waiting for its
+//! exit) are answered, output goes on, wasm instances (which die with the
+//! daemon) report exit 255 with the reason on stderr, a VM whose qemu died
+//! while the daemon was down is reported exited, and nothing leaks.
 
 use std::time::Duration;
 
@@ -16,7 +16,9 @@ const VMM: &str = "io.containerd.kuasarvmm.v1";
 
 kuasar_e2e::both_versions!(
     a_crash_with_twenty_running_containers_loses_no_task,
-    wasm_instances_and_vms_that_die_with_the_daemon_report_a_clear_exit,
+    wasm_instances_that_die_with_the_daemon_report_a_clear_exit,
+    a_microvm_and_its_processes_survive_crashes_of_the_daemon,
+    a_microvm_that_died_while_the_daemon_was_down_is_reported_exited,
     repeated_crashes_under_a_create_and_exec_loop_leave_nothing_behind,
 );
 
@@ -87,16 +89,12 @@ fn a_crash_with_twenty_running_containers_loses_no_task(v: Version) {
     env.assert_clean();
 }
 
-fn wasm_instances_and_vms_that_die_with_the_daemon_report_a_clear_exit(v: Version) {
+fn wasm_instances_that_die_with_the_daemon_report_a_clear_exit(v: Version) {
     let mut env = Env::start(v);
     env.import_wasm_image();
     let mut spin = env.wasm_run_command(&["--rm"], "w-spin", &["/spin.wasm"]);
     let spinning = std::thread::spawn(move || run_cmd(&mut spin, Duration::from_secs(60)));
     env.wait_status("w-spin", "RUNNING");
-    let vm = guest_dir().is_some();
-    if vm {
-        env.run_detached(VMM, "vm1", &["sleep", "600"]);
-    }
     env.run_detached(RUNTIME_KUASAR, "r1", &["sleep", "600"]);
     env.crash_sandboxer();
 
@@ -107,15 +105,114 @@ fn wasm_instances_and_vms_that_die_with_the_daemon_report_a_clear_exit(v: Versio
             || o.stdout.contains("died with the sandboxer"),
         "the reason reaches the task's stderr: {o}"
     );
-    if vm {
-        env.wait_status("vm1", "STOPPED");
-        assert!(
-            kuasar_e2e::env_processes(&env.dir, "qemu-system").is_empty(),
-            "the VM of the crashed daemon was released"
-        );
-        env.remove("vm1");
-    }
     assert_eq!(env.task_status("r1").as_deref(), Some("RUNNING"));
+    env.remove("r1");
+    env.assert_clean();
+}
+
+fn guest_image() {
+    assert!(
+        guest_dir().is_some(),
+        "KUASAR_GUEST_DIR names the guest image (hack/test.sh sets it)"
+    );
+}
+
+fn a_microvm_and_its_processes_survive_crashes_of_the_daemon(v: Version) {
+    guest_image();
+    let mut env = Env::start(v);
+    env.run_detached(VMM, "vm1", &["sleep", "600"]);
+    // A foreground container in a VM of its own: its Wait is in flight
+    // and its output streams through the crash.
+    let mut fg = env.run_command(
+        &["--rm"],
+        VMM,
+        "vmfg",
+        &[
+            "sh",
+            "-c",
+            "for i in $(seq 1 20); do echo line $i; sleep 0.5; done; exit 4",
+        ],
+    );
+    let counting = std::thread::spawn(move || run_cmd(&mut fg, Duration::from_secs(180)));
+    env.wait_status("vmfg", "RUNNING");
+    // An exec that outlives the crash: its output and exit come after it.
+    let mut long = env.ctr_command();
+    long.args([
+        "task",
+        "exec",
+        "--exec-id",
+        "long",
+        "vm1",
+        "sh",
+        "-c",
+        "echo before; sleep 6; echo after; exit 5",
+    ]);
+    let exec = std::thread::spawn(move || run_cmd(&mut long, Duration::from_secs(120)));
+    kuasar_e2e::wait_for("the exec in the VM", Duration::from_secs(60), || {
+        env.ctr(&["task", "ps", "vm1"]).stdout.lines().count() >= 4
+    });
+    let qemu = kuasar_e2e::env_processes(&env.dir, "qemu-system");
+    assert_eq!(qemu.len(), 2, "one VM per pod: {qemu:?}");
+    let before = env.tasks();
+
+    env.crash_sandboxer();
+
+    let o = counting.join().unwrap();
+    assert_eq!(o.status, Some(4), "{o}\n{}", env.log_tails());
+    let expected: Vec<String> = (1..=20).map(|i| format!("line {i}")).collect();
+    let lines: Vec<String> = o.stdout.lines().map(str::to_string).collect();
+    assert_eq!(
+        lines, expected,
+        "no output lost or repeated across the crash"
+    );
+    let o = exec.join().unwrap();
+    assert_eq!(o.status, Some(5), "{o}\n{}", env.log_tails());
+    assert_eq!(o.stdout.trim(), "before\nafter", "{o}");
+    // The same VM, the same task.
+    kuasar_e2e::wait_for(
+        "the foreground pod's VM to power off",
+        Duration::from_secs(30),
+        || kuasar_e2e::env_processes(&env.dir, "qemu-system").len() == 1,
+    );
+    assert!(kuasar_e2e::env_processes(&env.dir, "qemu-system")
+        .iter()
+        .all(|p| qemu.contains(p)));
+    let vm1 = |tasks: &[(String, String, String)]| tasks.iter().find(|t| t.0 == "vm1").cloned();
+    assert_eq!(vm1(&env.tasks()), vm1(&before));
+    let o = env.ctr(&["task", "exec", "--exec-id", "e1", "vm1", "echo", "alive"]);
+    assert!(o.ok(), "{o}\n{}", env.log_tails());
+    assert_eq!(o.stdout.trim(), "alive");
+    // A second crash, then the container's own end.
+    env.crash_sandboxer();
+    let o = env.ctr(&["task", "exec", "--exec-id", "e2", "vm1", "echo", "again"]);
+    assert!(o.ok(), "{o}\n{}", env.log_tails());
+    assert_eq!(o.stdout.trim(), "again");
+    env.ctr_ok(&["task", "kill", "-s", "KILL", "vm1"]);
+    env.wait_status("vm1", "STOPPED");
+    // New VMs work.
+    let o = env.run_rm(VMM, "vmnew", &["echo", "fresh"]);
+    assert!(o.ok(), "{o}\n{}", env.log_tails());
+    assert_eq!(o.stdout.trim(), "fresh");
+    env.remove("vm1");
+    env.assert_clean();
+}
+
+fn a_microvm_that_died_while_the_daemon_was_down_is_reported_exited(v: Version) {
+    guest_image();
+    let mut env = Env::start(v);
+    env.run_detached(VMM, "vm1", &["sleep", "600"]);
+    env.run_detached(RUNTIME_KUASAR, "r1", &["sleep", "600"]);
+    let dir = env.dir.clone();
+    env.crash_sandboxer_while(|| {
+        for pid in kuasar_e2e::env_processes(&dir, "qemu-system") {
+            // SAFETY: plain kill(2) on the test's own VM.
+            unsafe { libc::kill(pid as i32, libc::SIGKILL) };
+        }
+    });
+    env.wait_status("vm1", "STOPPED");
+    assert!(kuasar_e2e::env_processes(&env.dir, "qemu-system").is_empty());
+    assert_eq!(env.task_status("r1").as_deref(), Some("RUNNING"));
+    env.remove("vm1");
     env.remove("r1");
     env.assert_clean();
 }

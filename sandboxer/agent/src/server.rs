@@ -2,15 +2,16 @@
 //! are answered by id; process output, stdin and container events share the
 //! channel. Containers are run by the runc backend, as on the host.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::os::fd::OwnedFd;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use kuasar_agent_api::{
-    self as api, code, event, frame, read_frame, request, response, write_frame, Frame, FrameError,
-    Status,
+    self as api, code, event, frame, request, response, write_frame, Frame, FrameError,
+    FrameReader, Status,
 };
 use kuasar_core::backend::{
     Backend, Container, ContainerEvent, CreateRequest, Sandbox, SandboxRequest,
@@ -56,8 +57,15 @@ struct Ctr {
     outputs: Mutex<HashMap<String, Vec<watch::Receiver<bool>>>>,
 }
 
+/// Every process run and not yet deleted, by (container, exec id), for a
+/// host that takes the channel over after a crash.
+type Processes = Arc<Mutex<BTreeMap<(String, String), api::Process>>>;
+
 struct Agent {
     out: Sender,
+    processes: Processes,
+    /// The highest stream id the host named.
+    max_stream: AtomicU64,
     runc: kuasar_runc::Runc,
     sandbox: tokio::sync::OnceCell<Arc<dyn Sandbox>>,
     containers: Mutex<HashMap<String, Arc<Ctr>>>,
@@ -72,7 +80,8 @@ pub async fn serve(port: OwnedFd) -> Result<(), String> {
     let read_fd = port
         .try_clone()
         .map_err(|e| format!("duplicating the port: {e}"))?;
-    let mut reader = FdStream::new(read_fd).map_err(|e| format!("watching the port: {e}"))?;
+    let mut reader =
+        FrameReader::new(FdStream::new(read_fd).map_err(|e| format!("watching the port: {e}"))?);
     let mut writer = FdStream::new(port).map_err(|e| format!("watching the port: {e}"))?;
     let (tx, mut rx) = mpsc::unbounded_channel::<Out>();
     tokio::spawn(async move {
@@ -116,6 +125,8 @@ pub async fn serve(port: OwnedFd) -> Result<(), String> {
     let (stop_tx, mut stop_rx) = oneshot::channel();
     let agent = Arc::new(Agent {
         out: Sender(tx.clone()),
+        processes: Default::default(),
+        max_stream: AtomicU64::new(0),
         runc: kuasar_runc::Runc::new(oci_runtime(), Path::new(STATE), reaper),
         sandbox: Default::default(),
         containers: Default::default(),
@@ -125,27 +136,18 @@ pub async fn serve(port: OwnedFd) -> Result<(), String> {
     tracing::info!("kuasar-agent serving");
     loop {
         let frame = tokio::select! {
-            f = read_frame(&mut reader) => f,
+            f = reader.next() => f,
             _ = &mut stop_rx => break,
         };
         match frame {
             Ok(f) => agent.dispatch(f),
             // The host is not connected (yet, or any more): wait for it.
             Err(FrameError::Closed) => tokio::time::sleep(Duration::from_millis(50)).await,
-            // A well-framed message that does not decode: the stream is in
-            // step, answer nothing (there is no id to answer).
-            Err(FrameError::Decode(e)) => tracing::warn!("malformed frame from the host: {e}"),
-            Err(FrameError::TooLarge(n)) => {
-                tracing::warn!("skipping a frame of {n} bytes from the host");
-                let mut left = n as u64;
-                let mut sink = tokio::io::sink();
-                let copied = tokio::io::copy(&mut (&mut reader).take(left), &mut sink).await;
-                left -= copied.unwrap_or(0);
-                if left > 0 {
-                    return Err("the host channel ended inside a frame".into());
-                }
-            }
-            Err(FrameError::Io(e)) => return Err(format!("reading the port: {e}")),
+            // Not a frame (what a crashed host daemon left cut short, or
+            // garbage): the stream is in step at the next delimiter; answer
+            // nothing (there is no id to answer).
+            Err(e) if e.in_step() => tracing::warn!("dropped from the host: {e}"),
+            Err(e) => return Err(format!("reading the port: {e}")),
         }
     }
     // Everything answered so far reaches the host before power-off.
@@ -195,6 +197,7 @@ fn call_name(call: &request::Call) -> &'static str {
         Call::SetTime(_) => "SetTime",
         Call::Hold(_) => "Hold",
         Call::Release(_) => "Release",
+        Call::Resync(_) => "Resync",
     }
 }
 
@@ -215,11 +218,16 @@ impl Agent {
                 };
                 // Stdin of a new process is registered before any of its
                 // input can arrive.
-                let stdin = match &call {
-                    request::Call::Create(c) => c.stdio.as_ref().map(|s| s.stdin),
-                    request::Call::Exec(e) => e.stdio.as_ref().map(|s| s.stdin),
+                let stdio = match &call {
+                    request::Call::Create(c) => c.stdio.as_ref(),
+                    request::Call::Exec(e) => e.stdio.as_ref(),
                     _ => None,
                 };
+                if let Some(s) = stdio {
+                    let highest = s.stdin.max(s.stdout).max(s.stderr);
+                    self.max_stream.fetch_max(highest, Ordering::Relaxed);
+                }
+                let stdin = stdio.map(|s| s.stdin);
                 if let Some(sid) = stdin.filter(|s| *s != 0) {
                     if let Err(e) = self.open_stdin(sid) {
                         self.out.send(Frame::response(req.id, Err(status(e))));
@@ -230,7 +238,7 @@ impl Agent {
                 tracing::debug!(id = req.id, "call {}", call_name(&call));
                 let hold = match &call {
                     request::Call::Hold(_) => Some(true),
-                    request::Call::Release(_) => Some(false),
+                    request::Call::Release(_) | request::Call::Resync(_) => Some(false),
                     _ => None,
                 };
                 tokio::spawn(async move {
@@ -281,6 +289,10 @@ impl Agent {
             Call::Hello(h) => self.hello(h).await,
             // The writer holds and releases the channel around the answer.
             Call::Hold(_) | Call::Release(_) => done(),
+            Call::Resync(_) => Ok(response::Result::Processes(api::Processes {
+                processes: self.processes.lock().unwrap().values().cloned().collect(),
+                max_stream: self.max_stream.load(Ordering::Relaxed),
+            })),
             Call::SetTime(t) => {
                 init::set_time(t.unix_seconds, t.unix_nanos);
                 done()
@@ -370,12 +382,20 @@ impl Agent {
                 let ctr = self.container(&p.id)?;
                 ctr.container.delete_exec(&p.exec_id).await;
                 ctr.outputs.lock().unwrap().remove(&p.exec_id);
+                self.processes
+                    .lock()
+                    .unwrap()
+                    .remove(&(p.id.clone(), p.exec_id.clone()));
                 done()
             }
             Call::Delete(d) => {
                 let ctr = self.container(&d.id)?;
                 ctr.container.delete(d.force).await.map_err(status)?;
                 self.containers.lock().unwrap().remove(&d.id);
+                self.processes
+                    .lock()
+                    .unwrap()
+                    .retain(|(id, _), _| *id != d.id);
                 let _ = std::fs::remove_dir_all(&ctr.bundle);
                 done()
             }
@@ -438,6 +458,7 @@ impl Agent {
                         pod: None,
                         state_dir: Path::new(STATE).join("pod"),
                         resources: Default::default(),
+                        parking: Default::default(),
                     })
                     .await?;
                 sandbox.start().await?;
@@ -513,6 +534,7 @@ impl Agent {
             }
         };
         let pid = container.pid();
+        self.started(&c.id, "", pid);
         let ctr = Arc::new(Ctr {
             container,
             bundle,
@@ -541,12 +563,21 @@ impl Agent {
         drop(placeholders);
         self.forget_fifos(&stdio);
         match started {
-            Ok(pid) => Ok(response::Result::Pid(pid)),
+            Ok(pid) => {
+                self.started(&e.id, &e.exec_id, pid);
+                Ok(response::Result::Pid(pid))
+            }
             Err(err) => {
                 ctr.outputs.lock().unwrap().remove(&e.exec_id);
                 Err(status(err))
             }
         }
+    }
+
+    /// Records a process the host asked for (its exit may have been
+    /// recorded already: a process that ended at once).
+    fn started(&self, id: &str, exec_id: &str, pid: u32) {
+        update_process(&self.processes, id, exec_id, |p| p.pid = pid);
     }
 
     fn fifo(sid: u64) -> PathBuf {
@@ -677,6 +708,7 @@ impl Agent {
         mut rx: mpsc::UnboundedReceiver<ContainerEvent>,
     ) {
         let out = self.out.clone();
+        let processes = self.processes.clone();
         tokio::spawn(async move {
             while let Some(ev) = rx.recv().await {
                 match ev {
@@ -698,6 +730,10 @@ impl Agent {
                             }
                         };
                         let _ = tokio::time::timeout(OUTPUT_DRAIN, drained).await;
+                        update_process(&processes, &id, &key, |p| {
+                            p.exited = true;
+                            p.status = status;
+                        });
                         out.send(Frame::event(
                             id.clone(),
                             event::Kind::Exit(api::Exit {
@@ -710,4 +746,22 @@ impl Agent {
             }
         });
     }
+}
+
+/// Changes the entry of a process, made if it is not there yet.
+fn update_process(
+    processes: &Processes,
+    id: &str,
+    exec_id: &str,
+    f: impl FnOnce(&mut api::Process),
+) {
+    let mut all = processes.lock().unwrap();
+    let p = all
+        .entry((id.to_string(), exec_id.to_string()))
+        .or_insert_with(|| api::Process {
+            id: id.to_string(),
+            exec_id: exec_id.to_string(),
+            ..Default::default()
+        });
+    f(p);
 }

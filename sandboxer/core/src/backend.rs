@@ -63,6 +63,87 @@ pub struct SandboxRequest {
     pub state_dir: PathBuf,
     /// What the pod asks for as a whole (sizes a VM).
     pub resources: SandboxResources,
+    /// Where the sandbox keeps descriptors that must outlive a crash of
+    /// the daemon, and finds them after one.
+    pub parking: Parking,
+}
+
+/// A sandbox's corner of the holder's descriptor store: what it parks
+/// there outlives a crash of the daemon, and the restarted daemon finds it
+/// again by name. Without a holder, parking does nothing and nothing is
+/// found.
+#[derive(Clone, Default)]
+pub struct Parking {
+    inner: Option<Arc<ParkingInner>>,
+}
+
+struct ParkingInner {
+    store: Arc<crate::fdstore::FdStore>,
+    prefix: String,
+    /// What a crashed predecessor parked, until taken.
+    found: std::sync::Mutex<std::collections::HashMap<String, OwnedFd>>,
+}
+
+impl std::fmt::Debug for Parking {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match &self.inner {
+            Some(i) => write!(f, "Parking({})", i.prefix),
+            None => write!(f, "Parking(none)"),
+        }
+    }
+}
+
+impl Parking {
+    /// Names under `prefix` in `store`; `found` is what a predecessor
+    /// parked there, by name without the prefix.
+    pub fn new(
+        store: Arc<crate::fdstore::FdStore>,
+        prefix: String,
+        found: std::collections::HashMap<String, OwnedFd>,
+    ) -> Parking {
+        Parking {
+            inner: Some(Arc::new(ParkingInner {
+                store,
+                prefix,
+                found: std::sync::Mutex::new(found),
+            })),
+        }
+    }
+
+    /// Whether what is parked outlives a crash (a holder keeps it).
+    pub fn held(&self) -> bool {
+        self.inner.as_ref().is_some_and(|i| i.store.held())
+    }
+
+    /// Parks `fd` under `name`, replacing what was parked under it.
+    pub fn park(&self, name: &str, fd: std::os::fd::BorrowedFd<'_>) {
+        if let Some(i) = &self.inner {
+            i.store.store(&format!("{}{name}", i.prefix), &[fd]);
+        }
+    }
+
+    /// Lets go of what is parked under `name`.
+    pub fn unpark(&self, name: &str) {
+        if let Some(i) = &self.inner {
+            i.store.remove(&format!("{}{name}", i.prefix));
+        }
+    }
+
+    /// What a crashed predecessor parked under `name`; it stays parked.
+    pub fn take(&self, name: &str) -> Option<OwnedFd> {
+        self.inner
+            .as_ref()
+            .and_then(|i| i.found.lock().unwrap().remove(name))
+    }
+
+    /// Lets go of everything a predecessor parked that was not taken.
+    pub fn unpark_rest(&self) {
+        let Some(i) = &self.inner else { return };
+        let rest: Vec<String> = i.found.lock().unwrap().drain().map(|(n, _)| n).collect();
+        for name in rest {
+            self.unpark(&name);
+        }
+    }
 }
 
 /// What a pod asks for as a whole: from the Sandbox API's pod config, or,

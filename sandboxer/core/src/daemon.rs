@@ -75,6 +75,11 @@ pub fn listener_name(namespace: &str, id: &str) -> String {
     format!("l/{namespace}/{id}")
 }
 
+/// The prefix of what a sandbox's backend parks in the descriptor store.
+pub fn parking_prefix(namespace: &str, id: &str) -> String {
+    format!("b/{namespace}/{id}/")
+}
+
 /// Where a sandbox stands.
 struct Lifecycle {
     /// What the backend runs for the pod, once created.
@@ -641,12 +646,27 @@ impl Daemon {
     }
 
     pub fn sandbox_request(&self, namespace: &str, id: &str) -> SandboxRequest {
+        self.sandbox_request_with(namespace, id, HashMap::new())
+    }
+
+    /// A request whose parking holds what a crashed predecessor parked.
+    pub fn sandbox_request_with(
+        &self,
+        namespace: &str,
+        id: &str,
+        parked: HashMap<String, OwnedFd>,
+    ) -> SandboxRequest {
         SandboxRequest {
             namespace: namespace.into(),
             id: id.into(),
             pod: None,
             state_dir: self.state.sandbox_dir(namespace, id),
             resources: Default::default(),
+            parking: crate::backend::Parking::new(
+                self.store.clone(),
+                parking_prefix(namespace, id),
+                parked,
+            ),
         }
     }
 
@@ -834,18 +854,24 @@ impl Daemon {
     }
 
     /// Takes over a sandbox (and its listening socket) from a predecessor.
+    /// `parked`: what the backend parked before a crash, by name.
     pub async fn adopt_sandbox(
         self: &Arc<Self>,
         h: SandboxHandover,
         listen_fd: OwnedFd,
         fds: Vec<OwnedFd>,
+        parked: HashMap<String, OwnedFd>,
     ) -> Result<()> {
         let kind = self.parse_kind(&h.kind)?;
         let view = h.state.clone();
         let backend = match view.created {
             true => Some(
                 self.backend(kind)?
-                    .restore_sandbox(self.sandbox_request(&h.namespace, &h.id), h.backend, fds)
+                    .restore_sandbox(
+                        self.sandbox_request_with(&h.namespace, &h.id, parked),
+                        h.backend,
+                        fds,
+                    )
                     .await?,
             ),
             false => None,
@@ -1016,7 +1042,11 @@ impl Daemon {
     /// Takes over a sandbox of a crashed predecessor whose listening socket
     /// no holder kept: its socket is bound again at the same path (the
     /// address containerd has in the bundle's `address` file).
-    pub async fn reopen_sandbox(self: &Arc<Self>, mut h: SandboxHandover) -> Result<()> {
+    pub async fn reopen_sandbox(
+        self: &Arc<Self>,
+        mut h: SandboxHandover,
+        parked: HashMap<String, OwnedFd>,
+    ) -> Result<()> {
         if h.socket.parent() != Some(self.socket_dir.as_path()) {
             return Err(Error::InvalidArgument(format!(
                 "sandbox record names socket {} outside {}",
@@ -1034,7 +1064,7 @@ impl Daemon {
         self.store
             .store(&listener_name(&h.namespace, &h.id), &[fd.as_fd()]);
         h.fd = -1;
-        self.adopt_sandbox(h, fd, Vec::new()).await
+        self.adopt_sandbox(h, fd, Vec::new(), parked).await
     }
 
     /// Removes task sockets no sandbox serves; returns how many.

@@ -4,16 +4,19 @@
 //! serves on as a live upgrade would. Workloads that live outside the
 //! daemon (runc containers) are taken over: their processes are now the
 //! holder's children, whose exits it reports, and are watched by pidfd.
-//! Workloads that died with the daemon (wasm instances; VMs, whose agent
-//! channel cannot be resumed yet) are reported exited with status 255 and
-//! the reason on their stderr; what they held is released. What no record
+//! VMs are taken over by their backend from what it parked (the agent
+//! channel, the processes' stdio) and what it wrote down. Workloads that
+//! died with the daemon (wasm instances), and those a backend could not
+//! take over, are reported exited with status 255 and the reason on their
+//! stderr where it was kept; what they held is released. What no record
 //! names (a crash half-way through a create) is removed.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
+use std::os::fd::OwnedFd;
 use std::sync::Arc;
 use std::time::Duration;
 
-use crate::daemon::{listener_name, Daemon};
+use crate::daemon::{listener_name, parking_prefix, Daemon};
 use crate::error::Result;
 use crate::fdstore::Inherited;
 use crate::rpc::server::{parse_conn_name, ConnHandover};
@@ -77,27 +80,46 @@ pub async fn recover(daemon: &Arc<Daemon>, inherited: &mut Inherited) -> Result<
     }
 
     let mut alive: HashSet<(String, String)> = HashSet::new();
+    // Sandboxes whose workloads are gone: their tasks are reported lost.
+    let mut lost_sandboxes: HashSet<(String, String)> = HashSet::new();
     for mut s in sandboxes {
         let key = (s.namespace.clone(), s.id.clone());
         let listener = inherited
             .take(&listener_name(&s.namespace, &s.id))
             .and_then(|mut v| v.pop());
+        let prefix = parking_prefix(&s.namespace, &s.id);
+        let parked: HashMap<String, OwnedFd> = inherited
+            .names(&prefix)
+            .into_iter()
+            .filter_map(|name| {
+                let fd = inherited.take(&name)?.pop()?;
+                Some((name[prefix.len()..].to_string(), fd))
+            })
+            .collect();
+        let parked_names: Vec<String> = parked.keys().map(|n| format!("{prefix}{n}")).collect();
         let survives = daemon.survives_crash(&s.kind);
         if !survives && s.state.created {
-            let req = daemon.sandbox_request(&s.namespace, &s.id);
-            if let Ok(backend) = daemon.backend_named(&s.kind) {
-                if let Err(e) = backend.discard_sandbox(req, s.backend.clone()).await {
-                    tracing::warn!(sandbox = %s.id, "releasing a sandbox that died with the daemon: {e}");
-                }
-            }
-            s.state.created = false;
-            s.state.ready = false;
-            s.state.exited_at_nanos = Some(crate::task::nanos(std::time::SystemTime::now()));
+            discard(daemon, &mut s).await;
+            lost_sandboxes.insert(key.clone());
         }
-        let adopted = match listener {
-            Some(fd) => daemon.adopt_sandbox(s, fd, Vec::new()).await,
-            None => daemon.reopen_sandbox(s).await,
-        };
+        let spare = listener.as_ref().and_then(|fd| fd.try_clone().ok());
+        let mut adopted = adopt(daemon, s.clone(), listener, parked).await;
+        if let Err(e) = &adopted {
+            if s.state.created {
+                // The backend could not take its workload over (its VM
+                // died with the daemon, or nothing was parked): released,
+                // as a workload that died with the daemon is.
+                tracing::warn!(namespace = %key.0, sandbox = %key.1, "the sandbox's workload is not taken over after the crash, released: {e}");
+                discard(daemon, &mut s).await;
+                lost_sandboxes.insert(key.clone());
+                adopted = adopt(daemon, s, spare, HashMap::new()).await;
+            }
+        }
+        if lost_sandboxes.contains(&key) {
+            for name in &parked_names {
+                daemon.store.remove(name);
+            }
+        }
         match adopted {
             Ok(()) => {
                 report.sandboxes += 1;
@@ -121,7 +143,9 @@ pub async fn recover(daemon: &Arc<Daemon>, inherited: &mut Inherited) -> Result<
             report.removed += 1;
             continue;
         }
-        let lost = (!daemon.survives_crash(&t.kind)).then(|| {
+        let lost = (!daemon.survives_crash(&t.kind)
+            || lost_sandboxes.contains(&(ns.clone(), t.sandbox_id.clone())))
+        .then(|| {
             format!(
                 "the {} workload of this task died with the sandboxer (it crashed and was restarted)",
                 t.kind
@@ -198,6 +222,11 @@ pub async fn recover(daemon: &Arc<Daemon>, inherited: &mut Inherited) -> Result<
         inherited.take(&name);
         daemon.store.remove(&name);
     }
+    for name in inherited.names("b/") {
+        tracing::warn!(name = %name, "parked descriptor of a sandbox no record names: closed");
+        inherited.take(&name);
+        daemon.store.remove(&name);
+    }
     for name in inherited.names("l/") {
         tracing::warn!(listener = %name, "parked listener of a sandbox no record names: closed");
         inherited.take(&name);
@@ -214,4 +243,32 @@ pub async fn recover(daemon: &Arc<Daemon>, inherited: &mut Inherited) -> Result<
         "restart after a crash: took over"
     );
     Ok(report)
+}
+
+/// Releases what a sandbox of the crashed predecessor held; it is then
+/// taken over as one that has exited.
+async fn discard(daemon: &Arc<Daemon>, s: &mut SandboxHandover) {
+    let req = daemon.sandbox_request(&s.namespace, &s.id);
+    if let Ok(backend) = daemon.backend_named(&s.kind) {
+        if let Err(e) = backend.discard_sandbox(req, s.backend.clone()).await {
+            tracing::warn!(sandbox = %s.id, "releasing a sandbox that died with the daemon: {e}");
+        }
+    }
+    s.state.created = false;
+    s.state.ready = false;
+    s.state.exited_at_nanos = Some(crate::task::nanos(std::time::SystemTime::now()));
+}
+
+/// Serves a sandbox again on its parked listener, or on its socket bound
+/// anew.
+async fn adopt(
+    daemon: &Arc<Daemon>,
+    s: SandboxHandover,
+    listener: Option<OwnedFd>,
+    parked: HashMap<String, OwnedFd>,
+) -> Result<()> {
+    match listener {
+        Some(fd) => daemon.adopt_sandbox(s, fd, Vec::new(), parked).await,
+        None => daemon.reopen_sandbox(s, parked).await,
+    }
 }

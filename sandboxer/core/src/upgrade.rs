@@ -460,7 +460,7 @@ pub async fn adopt(daemon: &Arc<Daemon>, path: &Path) -> Result<OwnedFd> {
         let id = s.id.clone();
         let fds: Result<Vec<OwnedFd>> = s.fds.iter().map(|&fd| take_fd(fd, &mut seen)).collect();
         let adopted = match (take_fd(s.fd, &mut seen), fds) {
-            (Ok(fd), Ok(fds)) => daemon.adopt_sandbox(s, fd, fds).await,
+            (Ok(fd), Ok(fds)) => daemon.adopt_sandbox(s, fd, fds, HashMap::new()).await,
             (Err(e), _) | (_, Err(e)) => Err(e),
         };
         if let Err(e) = adopted {

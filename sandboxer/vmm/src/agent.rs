@@ -2,6 +2,11 @@
 //! process output written where containerd reads it, container events
 //! routed to their tasks. When the channel ends (the VM died), every call
 //! waiting is answered and every live process is reported exited (137).
+//!
+//! The channel and every output descriptor are parked in the holder while
+//! they are in use, so that a daemon restarted after a crash serves the
+//! same channel on ([`Agent::resume`], then [`Agent::resync`]) and
+//! containerd's readers see no end of their streams.
 
 use std::collections::{HashMap, HashSet};
 use std::os::fd::OwnedFd;
@@ -11,12 +16,13 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use kuasar_agent_api::{
-    self as api, event, frame, read_frame, request, response, write_frame, Frame, FrameError,
+    self as api, event, frame, request, response, write_frame, Frame, FrameError, FrameReader,
 };
-use kuasar_core::backend::{ContainerEvent, EventSink};
+use kuasar_core::backend::{ContainerEvent, EventSink, Parking};
 use kuasar_core::error::{Error, Result};
 use kuasar_host::stdio::FdStream;
 use kuasar_protocol::Code;
+use std::os::fd::AsFd;
 use tokio::io::{AsyncWrite, AsyncWriteExt};
 use tokio::sync::{mpsc, oneshot};
 
@@ -37,6 +43,16 @@ pub const KILLED: u32 = 128 + 9;
 /// Events held for one container until its task is taken over.
 const MAX_UNROUTED: usize = 64;
 
+/// The channel's name in the sandbox's parking.
+const PARKED_CHANNEL: &str = "agent";
+
+fn parked_output(sid: u64) -> String {
+    format!("out/{sid}")
+}
+
+/// Processes by container: exec ids, "" for the init process.
+pub type Live = HashMap<String, HashSet<String>>;
+
 type Reply = std::result::Result<response::Result, api::Status>;
 
 #[derive(Default)]
@@ -51,7 +67,7 @@ struct State {
     unrouted: HashMap<String, Vec<ContainerEvent>>,
     /// Processes that exist in the guest, by container: exec ids, "" for
     /// the init process.
-    live: HashMap<String, HashSet<String>>,
+    live: Live,
     /// Why the channel ended, once it has.
     dead: Option<String>,
 }
@@ -59,6 +75,7 @@ struct State {
 pub struct Agent {
     /// A duplicate of the channel, for a live upgrade.
     channel: OwnedFd,
+    parking: Parking,
     tx: mpsc::UnboundedSender<Frame>,
     state: Mutex<State>,
     next_id: AtomicU64,
@@ -68,28 +85,49 @@ pub struct Agent {
 }
 
 impl Agent {
-    /// Serves the channel on `fd` (the host end of the VM's port).
-    pub fn connect(fd: OwnedFd) -> Result<Arc<Agent>> {
-        let read_fd = fd.try_clone().map_err(kuasar_core::error::io_context(
-            "duplicating the agent channel",
-        ))?;
-        let channel = fd.try_clone().map_err(kuasar_core::error::io_context(
-            "duplicating the agent channel",
-        ))?;
-        let mut reader = FdStream::new(read_fd)
-            .map_err(kuasar_core::error::io_context("watching the agent channel"))?;
+    /// Serves the channel on `fd` (the host end of the VM's port), parked
+    /// in `parking` while it lives.
+    pub fn connect(fd: OwnedFd, parking: Parking) -> Result<Arc<Agent>> {
+        Agent::serve(fd, parking, State::default(), 1, 1)
+    }
+
+    /// Serves `fd` with `state` in place before the first frame is read.
+    fn serve(
+        fd: OwnedFd,
+        parking: Parking,
+        state: State,
+        next_id: u64,
+        next_stream: u64,
+    ) -> Result<Arc<Agent>> {
+        let dup = || {
+            fd.try_clone().map_err(kuasar_core::error::io_context(
+                "duplicating the agent channel",
+            ))
+        };
+        let (read_fd, channel) = (dup()?, dup()?);
+        parking.park(PARKED_CHANNEL, fd.as_fd());
+        let mut reader = FrameReader::new(
+            FdStream::new(read_fd)
+                .map_err(kuasar_core::error::io_context("watching the agent channel"))?,
+        );
         let mut writer = FdStream::new(fd)
             .map_err(kuasar_core::error::io_context("watching the agent channel"))?;
         let (tx, mut rx) = mpsc::unbounded_channel::<Frame>();
         let agent = Arc::new(Agent {
             channel,
+            parking,
             tx,
-            state: Mutex::default(),
-            next_id: AtomicU64::new(1),
-            next_stream: AtomicU64::new(1),
+            state: Mutex::new(state),
+            next_id: AtomicU64::new(next_id),
+            next_stream: AtomicU64::new(next_stream),
             describe: Mutex::new(None),
         });
         tokio::spawn(async move {
+            // A predecessor that crashed may have left a frame unfinished:
+            // the delimiter ends it (the agent drops it as malformed).
+            if writer.write_all(&[api::DELIMITER]).await.is_err() {
+                return;
+            }
             while let Some(f) = rx.recv().await {
                 if let Err(e) = write_frame(&mut writer, &f).await {
                     tracing::debug!("agent channel write: {e}");
@@ -100,10 +138,13 @@ impl Agent {
         let weak = Arc::downgrade(&agent);
         tokio::spawn(async move {
             let reason = loop {
-                let f = read_frame(&mut reader).await;
+                let f = reader.next().await;
                 let Some(agent) = weak.upgrade() else { return };
                 match f {
                     Ok(f) => agent.receive(f),
+                    // What a crashed predecessor left half-read, or garbage:
+                    // the next frame is whole.
+                    Err(e) if e.in_step() => tracing::warn!("dropped from the guest agent: {e}"),
                     Err(FrameError::Closed) => break "the VM closed the agent channel".to_string(),
                     Err(e) => break format!("the agent channel failed: {e}"),
                 }
@@ -118,6 +159,22 @@ impl Agent {
     /// What a successor needs to serve the channel on: counters, the live
     /// processes, and duplicates of the channel and of the output streams'
     /// descriptors (in that order). Call once the agent holds its output.
+    /// What a successor needs, without descriptors (written down for a
+    /// restart after a crash: the descriptors are parked).
+    pub fn record(&self) -> AgentRecord {
+        let st = self.state.lock().unwrap();
+        AgentRecord {
+            next_id: self.next_id.load(Ordering::Relaxed),
+            next_stream: self.next_stream.load(Ordering::Relaxed),
+            outputs: st.outputs.keys().copied().collect(),
+            live: st
+                .live
+                .iter()
+                .map(|(id, execs)| (id.clone(), execs.iter().cloned().collect()))
+                .collect(),
+        }
+    }
+
     pub fn export(&self) -> Result<(AgentRecord, Vec<OwnedFd>)> {
         let st = self.state.lock().unwrap();
         let mut fds = vec![self
@@ -150,21 +207,112 @@ impl Agent {
 
     /// Serves a channel a predecessor handed over (`fd`); `outputs` are the
     /// descriptors of `record.outputs`, in order.
-    pub fn adopt(fd: OwnedFd, record: &AgentRecord, outputs: Vec<OwnedFd>) -> Result<Arc<Agent>> {
-        let agent = Agent::connect(fd)?;
-        agent.next_id.store(record.next_id, Ordering::Relaxed);
-        agent
-            .next_stream
-            .store(record.next_stream, Ordering::Relaxed);
-        for (sid, fd) in record.outputs.iter().zip(outputs) {
-            agent.add_output(*sid, fd)?;
-        }
-        agent.state.lock().unwrap().live = record
+    pub fn adopt(
+        fd: OwnedFd,
+        record: &AgentRecord,
+        outputs: Vec<OwnedFd>,
+        parking: Parking,
+    ) -> Result<Arc<Agent>> {
+        let live = record
             .live
             .iter()
             .map(|(id, execs)| (id.clone(), execs.iter().cloned().collect()))
             .collect();
-        Ok(agent)
+        let outputs = record.outputs.iter().copied().zip(outputs).collect();
+        Agent::serve_with(
+            fd,
+            parking,
+            outputs,
+            live,
+            record.next_id,
+            record.next_stream,
+        )
+    }
+
+    /// Serves the channel a crashed predecessor parked, with the output
+    /// descriptors it parked and the processes it recorded as live. Call
+    /// [`Agent::resync`] next. Ids of calls start past any the predecessor
+    /// used, so that its late answers match nothing.
+    pub fn resume(
+        fd: OwnedFd,
+        parking: Parking,
+        outputs: Vec<(u64, OwnedFd)>,
+        live: Live,
+        next_stream: u64,
+    ) -> Result<Arc<Agent>> {
+        let micros = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap_or_default()
+            .as_micros() as u64;
+        Agent::serve_with(fd, parking, outputs, live, micros, next_stream)
+    }
+
+    fn serve_with(
+        fd: OwnedFd,
+        parking: Parking,
+        outputs: Vec<(u64, OwnedFd)>,
+        live: Live,
+        next_id: u64,
+        next_stream: u64,
+    ) -> Result<Arc<Agent>> {
+        let mut state = State {
+            live,
+            ..Default::default()
+        };
+        for (sid, fd) in outputs {
+            parking.park(&parked_output(sid), fd.as_fd());
+            state.outputs.insert(sid, output_writer(fd)?);
+        }
+        Agent::serve(fd, parking, state, next_id, next_stream)
+    }
+
+    /// After [`Agent::resume`]: asks the agent what it runs and ran,
+    /// reports the exits the predecessor did not see (and, as lost, live
+    /// processes the agent no longer knows), and returns the agent's
+    /// processes for the caller to match with what it recorded.
+    pub async fn resync(&self, timeout: Duration) -> Result<Vec<api::Process>> {
+        let answer = self
+            .call(request::Call::Resync(api::Empty {}), timeout)
+            .await?;
+        let response::Result::Processes(all) = answer else {
+            return Err(Error::Internal(format!(
+                "the guest agent answered Resync with {answer:?}"
+            )));
+        };
+        self.next_stream
+            .fetch_max(all.max_stream.saturating_add(1), Ordering::Relaxed);
+        let ended: Vec<(String, String, u32)> = {
+            let mut st = self.state.lock().unwrap();
+            let mut ended = Vec::new();
+            for (id, execs) in st.live.iter_mut() {
+                execs.retain(|exec_id| {
+                    let found = all
+                        .processes
+                        .iter()
+                        .find(|p| p.id == *id && p.exec_id == *exec_id);
+                    match found {
+                        Some(p) if !p.exited => true,
+                        Some(p) => {
+                            ended.push((id.clone(), exec_id.clone(), p.status));
+                            false
+                        }
+                        None => {
+                            ended.push((
+                                id.clone(),
+                                exec_id.clone(),
+                                kuasar_core::task::LOST_EXIT_STATUS,
+                            ));
+                            false
+                        }
+                    }
+                });
+            }
+            ended
+        };
+        for (id, exec_id, status) in ended {
+            self.report_exit(&id, &exec_id, status);
+        }
+        Ok(all.processes)
     }
 
     /// Sets what is added to errors of a VM that is gone or does not answer
@@ -251,31 +399,19 @@ impl Agent {
     /// Writes what the guest sends on stream `sid` into `to`, closing it at
     /// the stream's end.
     pub fn add_output(&self, sid: u64, to: OwnedFd) -> Result<()> {
-        let dup = to.try_clone().map_err(kuasar_core::error::io_context(
-            "duplicating a process output",
-        ))?;
-        let mut w: Pin<Box<dyn AsyncWrite + Send + Sync>> = kuasar_host::stdio::writer(to)
-            .map_err(kuasar_core::error::io_context("watching a process output"))?;
-        let (tx, mut rx) = mpsc::unbounded_channel::<Vec<u8>>();
-        tokio::spawn(async move {
-            while let Some(chunk) = rx.recv().await {
-                if w.write_all(&chunk).await.is_err() {
-                    // The reader went away: drop what follows, as a shim does.
-                    while rx.recv().await.is_some() {}
-                    break;
-                }
-            }
-            let _ = w.shutdown().await;
-        });
+        let writer = output_writer(to)?;
         let mut st = self.state.lock().unwrap();
         if st.dead.is_none() {
-            st.outputs.insert(sid, (tx, dup));
+            self.parking.park(&parked_output(sid), writer.1.as_fd());
+            st.outputs.insert(sid, writer);
         }
         Ok(())
     }
 
     pub fn drop_output(&self, sid: u64) {
-        self.state.lock().unwrap().outputs.remove(&sid);
+        if self.state.lock().unwrap().outputs.remove(&sid).is_some() {
+            self.parking.unpark(&parked_output(sid));
+        }
     }
 
     /// Routes a container's events to `sink`.
@@ -355,8 +491,8 @@ impl Agent {
                         let _ = w.send(o.data);
                     }
                 }
-                if o.eof {
-                    st.outputs.remove(&o.stream);
+                if o.eof && st.outputs.remove(&o.stream).is_some() {
+                    self.parking.unpark(&parked_output(o.stream));
                 }
             }
             Some(frame::Body::Event(e)) => match e.kind {
@@ -394,6 +530,10 @@ impl Agent {
             }
             tracing::warn!("{reason}");
             st.dead = Some(reason);
+            for sid in st.outputs.keys() {
+                self.parking.unpark(&parked_output(*sid));
+            }
+            self.parking.unpark(PARKED_CHANNEL);
             st.outputs.clear();
             (
                 std::mem::take(&mut st.pending),
@@ -409,6 +549,30 @@ impl Agent {
     }
 }
 
+type OutputWriter = (mpsc::UnboundedSender<Vec<u8>>, OwnedFd);
+
+/// A copy into `to` fed through the returned sender, and a duplicate of
+/// `to` (for a live upgrade and the parking).
+fn output_writer(to: OwnedFd) -> Result<OutputWriter> {
+    let dup = to.try_clone().map_err(kuasar_core::error::io_context(
+        "duplicating a process output",
+    ))?;
+    let mut w: Pin<Box<dyn AsyncWrite + Send + Sync>> = kuasar_host::stdio::writer(to)
+        .map_err(kuasar_core::error::io_context("watching a process output"))?;
+    let (tx, mut rx) = mpsc::unbounded_channel::<Vec<u8>>();
+    tokio::spawn(async move {
+        while let Some(chunk) = rx.recv().await {
+            if w.write_all(&chunk).await.is_err() {
+                // The reader went away: drop what follows, as a shim does.
+                while rx.recv().await.is_some() {}
+                break;
+            }
+        }
+        let _ = w.shutdown().await;
+    });
+    Ok((tx, dup))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -416,13 +580,29 @@ mod tests {
     use std::os::unix::net::UnixStream;
     use tokio::io::AsyncWriteExt;
 
-    /// An agent client and the guest's end of its channel.
-    fn pair() -> (Arc<Agent>, tokio::net::UnixStream) {
-        let (host, guest) = UnixStream::pair().unwrap();
+    /// The guest's end of a channel.
+    struct Guest {
+        r: FrameReader<tokio::net::unix::OwnedReadHalf>,
+        w: tokio::net::unix::OwnedWriteHalf,
+    }
+
+    fn guest_end(guest: UnixStream) -> Guest {
         guest.set_nonblocking(true).unwrap();
+        let (r, w) = tokio::net::UnixStream::from_std(guest)
+            .unwrap()
+            .into_split();
+        Guest {
+            r: FrameReader::new(r),
+            w,
+        }
+    }
+
+    /// An agent client and the guest's end of its channel.
+    fn pair() -> (Arc<Agent>, Guest) {
+        let (host, guest) = UnixStream::pair().unwrap();
         (
-            Agent::connect(host.into()).unwrap(),
-            tokio::net::UnixStream::from_std(guest).unwrap(),
+            Agent::connect(host.into(), Parking::default()).unwrap(),
+            guest_end(guest),
         )
     }
 
@@ -430,8 +610,8 @@ mod tests {
         request::Call::Start(api::ContainerRef { id: id.into() })
     }
 
-    async fn next_request(guest: &mut tokio::net::UnixStream) -> api::Request {
-        match read_frame(guest).await.unwrap().body {
+    async fn next_request(guest: &mut Guest) -> api::Request {
+        match guest.r.next().await.unwrap().body {
             Some(frame::Body::Request(r)) => r,
             other => panic!("expected a request, got {other:?}"),
         }
@@ -446,13 +626,13 @@ mod tests {
         let c2 = tokio::spawn(async move { a2.call(start("two"), Duration::from_secs(5)).await });
         let r2 = next_request(&mut guest).await;
         write_frame(
-            &mut guest,
+            &mut guest.w,
             &Frame::response(r2.id, Ok(response::Result::Pid(2))),
         )
         .await
         .unwrap();
         write_frame(
-            &mut guest,
+            &mut guest.w,
             &Frame::response(r1.id, Err(api::Status::new(api::code::NOT_FOUND, "no one"))),
         )
         .await
@@ -476,7 +656,7 @@ mod tests {
         let late = next_request(&mut guest).await;
         // A late answer is dropped; the next call is answered.
         write_frame(
-            &mut guest,
+            &mut guest.w,
             &Frame::response(late.id, Ok(response::Result::Pid(1))),
         )
         .await
@@ -485,7 +665,7 @@ mod tests {
         let c = tokio::spawn(async move { a.call(start("c"), Duration::from_secs(5)).await });
         let r = next_request(&mut guest).await;
         write_frame(
-            &mut guest,
+            &mut guest.w,
             &Frame::response(r.id, Ok(response::Result::Pid(7))),
         )
         .await
@@ -505,11 +685,11 @@ mod tests {
             let c = tokio::spawn(async move { a.call(start("c"), Duration::from_secs(30)).await });
             let _ = next_request(&mut guest).await;
             if garbage {
-                // A length far over the limit: the stream cannot be trusted.
-                guest.write_all(&u32::MAX.to_be_bytes()).await.unwrap();
-            } else {
-                drop(guest);
+                // Garbage is dropped (the next frame would be whole); the
+                // channel then ends.
+                guest.w.write_all(&[0xff, 0x13, 0]).await.unwrap();
             }
+            drop(guest);
             let e = c.await.unwrap().unwrap_err();
             assert!(matches!(&e, Error::Unavailable(_)), "{e}");
             let mut exits = vec![events.recv().await.unwrap(), events.recv().await.unwrap()];
@@ -558,7 +738,7 @@ mod tests {
                 }),
             ),
         ] {
-            guest.write_all(&encode_frame(&f).unwrap()).await.unwrap();
+            guest.w.write_all(&encode_frame(&f).unwrap()).await.unwrap();
         }
         assert_eq!(events.recv().await.unwrap(), ContainerEvent::Exit(None, 3));
         let mut out = String::new();
@@ -590,7 +770,7 @@ mod tests {
                 "c".into()
             };
             let f = Frame::event(id, event::Kind::Oom(api::Empty {}));
-            guest.write_all(&encode_frame(&f).unwrap()).await.unwrap();
+            guest.w.write_all(&encode_frame(&f).unwrap()).await.unwrap();
         }
         // The frames are read in order: once an answer to a later call is
         // in, every event before it was handled.
@@ -598,7 +778,7 @@ mod tests {
         let c = tokio::spawn(async move { a.call(start("c"), Duration::from_secs(5)).await });
         let r = next_request(&mut guest).await;
         write_frame(
-            &mut guest,
+            &mut guest.w,
             &Frame::response(r.id, Ok(response::Result::Pid(1))),
         )
         .await
@@ -615,5 +795,91 @@ mod tests {
             assert_eq!(events.try_recv().unwrap(), ContainerEvent::Oom);
         }
         assert!(events.try_recv().is_err());
+    }
+
+    #[tokio::test]
+    async fn a_resumed_channel_resyncs_exits_outputs_and_stream_ids_with_the_agent() {
+        let (host, guest) = UnixStream::pair().unwrap();
+        let mut guest = guest_end(guest);
+        // The crashed predecessor left half a frame on the way in.
+        let cut = encode_frame(&Frame::output(5, b"lost".to_vec(), false)).unwrap();
+        guest.w.write_all(&cut[..cut.len() / 2]).await.unwrap();
+        let (r, w) = kuasar_host::stdio::pipe().unwrap();
+        let live: Live = HashMap::from([(
+            "c".to_string(),
+            HashSet::from(["".to_string(), "e1".to_string(), "e2".to_string()]),
+        )]);
+        let agent = Agent::resume(host.into(), Parking::default(), vec![(5, w)], live, 7).unwrap();
+        let (sink, mut events) = mpsc::unbounded_channel();
+        agent.add_container("c", sink);
+        let a = agent.clone();
+        let resynced = tokio::spawn(async move { a.resync(Duration::from_secs(5)).await });
+        let req = next_request(&mut guest).await;
+        assert!(
+            matches!(req.call, Some(request::Call::Resync(_))),
+            "{req:?}"
+        );
+        assert!(
+            req.id > 1 << 40,
+            "ids start past the predecessor's: {}",
+            req.id
+        );
+        let process = |id: &str, exec_id: &str, exited: bool, status: u32| api::Process {
+            id: id.into(),
+            exec_id: exec_id.into(),
+            pid: 10,
+            exited,
+            status,
+        };
+        // The delimiter ended the cut frame: this one arrives whole.
+        guest.w.write_all(&[0]).await.unwrap();
+        write_frame(&mut guest.w, &Frame::output(5, b"kept".to_vec(), true))
+            .await
+            .unwrap();
+        write_frame(
+            &mut guest.w,
+            &Frame::response(
+                req.id,
+                Ok(response::Result::Processes(api::Processes {
+                    processes: vec![
+                        process("c", "", false, 0),
+                        process("c", "e1", true, 3),
+                        process("x", "", false, 0),
+                    ],
+                    max_stream: 40,
+                })),
+            ),
+        )
+        .await
+        .unwrap();
+        let agent_has = resynced.await.unwrap().unwrap();
+        assert_eq!(agent_has.len(), 3);
+        let mut exits = vec![events.recv().await.unwrap(), events.recv().await.unwrap()];
+        exits.sort_by_key(|e| format!("{e:?}"));
+        assert_eq!(
+            exits,
+            vec![
+                ContainerEvent::Exit(Some("e1".into()), 3),
+                ContainerEvent::Exit(Some("e2".into()), kuasar_core::task::LOST_EXIT_STATUS),
+            ]
+        );
+        assert_eq!(agent.stream_id(), 41);
+        let mut out = String::new();
+        std::io::Read::read_to_string(&mut std::fs::File::from(r), &mut out).unwrap();
+        assert_eq!(out, "kept");
+        // The init process is still live: a later exit is reported once.
+        write_frame(
+            &mut guest.w,
+            &Frame::event(
+                "c".into(),
+                event::Kind::Exit(api::Exit {
+                    exec_id: String::new(),
+                    status: 0,
+                }),
+            ),
+        )
+        .await
+        .unwrap();
+        assert_eq!(events.recv().await.unwrap(), ContainerEvent::Exit(None, 0));
     }
 }

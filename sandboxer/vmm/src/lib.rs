@@ -83,6 +83,7 @@ impl Shared {
                     ..Default::default()
                 },
                 timeout: Duration::from_millis(self.config.probe_timeout_ms),
+                parking: Default::default(),
             },
             &self.reaper,
         )
@@ -133,11 +134,12 @@ impl Backend for Vmm {
 
     fn capabilities(&self) -> Capabilities {
         // qemu stays the daemon's child across the re-exec; the agent
-        // channel and the stdio descriptors are handed over.
+        // channel and the stdio descriptors are handed over. Across a
+        // crash they are parked in the holder, and the agent says what
+        // happened meanwhile (Resync).
         Capabilities {
             survives_reexec: true,
-            // The agent channel cannot be resynchronised after a crash yet.
-            survives_crash: false,
+            survives_crash: true,
         }
     }
 

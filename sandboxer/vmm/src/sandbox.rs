@@ -1,6 +1,12 @@
 //! A VM sandbox and its containers: every Task API call is forwarded to
 //! the guest agent; stdio flows between containerd's FIFOs and the guest
 //! over the agent channel.
+//!
+//! A running sandbox writes down what it holds (`vm.json` in its
+//! directory: qemu's pid, the containers, their processes and streams) at
+//! every change of its containers, and parks the agent channel and the
+//! outputs in the holder; a daemon restarted after a crash takes the VM
+//! over from both (see [`VmSandbox::restore`]).
 
 use std::collections::HashMap;
 use std::os::fd::OwnedFd;
@@ -40,6 +46,46 @@ pub struct VmSandbox {
     req: SandboxRequest,
     vm: std::sync::Mutex<Option<Arc<Vm>>>,
     containers: Containers,
+    ledger: Arc<Ledger>,
+}
+
+/// `vm.json`: the sandbox's record, rewritten (atomically) at every change
+/// of its containers, for a restart after a crash.
+struct Ledger {
+    path: PathBuf,
+    /// Serialises writes: the last to take it writes the newest state.
+    writing: Mutex<()>,
+}
+
+impl Ledger {
+    async fn save(&self, vm: &Vm, containers: &Containers) {
+        let _w = self.writing.lock().await;
+        let record = match snapshot(vm, containers, None).await {
+            Ok(r) => r,
+            Err(e) => {
+                tracing::warn!("recording the VM: {e}");
+                return;
+            }
+        };
+        let written = serde_json::to_vec(&record)
+            .map_err(std::io::Error::other)
+            .and_then(|data| kuasar_protocol::shim::write_atomic(&self.path, &data));
+        if let Err(e) = written {
+            tracing::warn!("recording the VM in {}: {e}", self.path.display());
+        }
+    }
+
+    fn read(&self) -> Option<Result<SandboxRecord>> {
+        let data = std::fs::read(&self.path).ok()?;
+        Some(
+            serde_json::from_slice(&data)
+                .map_err(|e| Error::Internal(format!("{}: {e}", self.path.display()))),
+        )
+    }
+
+    fn remove(&self) {
+        let _ = std::fs::remove_file(&self.path);
+    }
 }
 
 /// What a successor daemon needs of a running VM sandbox. The handed-over
@@ -81,11 +127,16 @@ struct Stdin {
 
 impl VmSandbox {
     pub fn new(shared: Arc<Shared>, req: SandboxRequest) -> VmSandbox {
+        let ledger = Arc::new(Ledger {
+            path: req.state_dir.join("vm.json"),
+            writing: Mutex::new(()),
+        });
         VmSandbox {
             shared,
             req,
             vm: std::sync::Mutex::new(None),
             containers: Default::default(),
+            ledger,
         }
     }
 
@@ -98,7 +149,15 @@ impl VmSandbox {
     ) -> Result<VmSandbox> {
         let sandbox = VmSandbox::new(shared, req);
         if record.is_null() {
-            return Ok(sandbox);
+            // A live upgrade hands over a running VM's record; a restart
+            // after a crash finds it written down.
+            return match sandbox.ledger.read() {
+                None => Ok(sandbox),
+                Some(rec) => {
+                    sandbox.resume(rec?).await?;
+                    Ok(sandbox)
+                }
+            };
         }
         let rec: SandboxRecord = serde_json::from_value(record)
             .map_err(|e| Error::Internal(format!("the VM's handover record: {e}")))?;
@@ -108,7 +167,7 @@ impl VmSandbox {
             .ok_or_else(|| Error::Internal("the VM's agent channel was not handed over".into()))?;
         let outputs: Vec<OwnedFd> = fds.by_ref().take(rec.agent.outputs.len()).collect();
         let mut rest: Vec<Option<OwnedFd>> = fds.map(Some).collect();
-        let agent = Agent::adopt(channel, &rec.agent, outputs)?;
+        let agent = Agent::adopt(channel, &rec.agent, outputs, sandbox.req.parking.clone())?;
         let guest = Guest {
             kernel_release: rec.kernel_release,
             boot_time: Duration::ZERO,
@@ -121,14 +180,150 @@ impl VmSandbox {
             &sandbox.shared.reaper,
         );
         vm.keep_time();
-        for c in rec.containers {
+        sandbox.adopt_containers(&agent, rec.containers, |i| {
+            i.and_then(|i| rest.get_mut(i).and_then(Option::take))
+        });
+        *sandbox.vm.lock().unwrap() = Some(Arc::new(vm));
+        // The agent sends what it held since the predecessor's Hold; exits
+        // wait for their tasks in the agent's unrouted events.
+        agent
+            .call(request::Call::Release(api::Empty {}), CALL)
+            .await?;
+        Ok(sandbox)
+    }
+
+    /// Takes over the VM a crashed predecessor wrote down in `rec`: its
+    /// qemu (no longer this daemon's child), the agent channel and the
+    /// outputs it parked; stdin FIFOs are opened again by path. The agent
+    /// then says what happened meanwhile: exits are reported, processes no
+    /// record names (a create or exec cut short by the crash) are removed.
+    async fn resume(&self, rec: SandboxRecord) -> Result<()> {
+        let dir = &self.req.state_dir;
+        if !Vm::is_ours(rec.pid, dir) {
+            return Err(Error::Unavailable(format!(
+                "qemu (pid {}) of the VM is gone",
+                rec.pid
+            )));
+        }
+        let parking = &self.req.parking;
+        let channel = parking.take("agent").ok_or_else(|| {
+            Error::Unavailable(
+                "the agent channel was not parked (the daemon ran without its holder)".into(),
+            )
+        })?;
+        let outputs = rec
+            .agent
+            .outputs
+            .iter()
+            .filter_map(|&sid| parking.take(&format!("out/{sid}")).map(|fd| (sid, fd)))
+            .collect();
+        let live = rec
+            .agent
+            .live
+            .iter()
+            .map(|(id, execs)| (id.clone(), execs.iter().cloned().collect()))
+            .collect();
+        let agent = Agent::resume(
+            channel,
+            parking.clone(),
+            outputs,
+            live,
+            rec.agent.next_stream,
+        )?;
+        let guest = Guest {
+            kernel_release: rec.kernel_release,
+            boot_time: Duration::ZERO,
+        };
+        let vm = Vm::watch_foreign(rec.pid, agent.clone(), guest, dir, &self.shared.reaper);
+        let recorded: HashMap<String, Vec<String>> = rec
+            .containers
+            .iter()
+            .map(|c| {
+                let execs = c.processes.iter().map(|p| p.exec_id.clone()).collect();
+                (c.id.clone(), execs)
+            })
+            .collect();
+        self.adopt_containers(&agent, rec.containers, |_| None);
+        let vm = Arc::new(vm);
+        *self.vm.lock().unwrap() = Some(vm.clone());
+        let processes = match agent.resync(CALL).await {
+            Ok(p) => p,
+            Err(e) => {
+                *self.vm.lock().unwrap() = None;
+                return Err(e);
+            }
+        };
+        vm.keep_time();
+        for p in processes {
+            let known = recorded
+                .get(&p.id)
+                .is_some_and(|execs| execs.contains(&p.exec_id));
+            if known {
+                continue;
+            }
+            tracing::info!(sandbox = %self.req.id, container = %p.id, exec = %p.exec_id, "removing a process the crash cut short");
+            let removed = if recorded.contains_key(&p.id) {
+                let _ = agent
+                    .call(
+                        request::Call::Kill(api::Kill {
+                            id: p.id.clone(),
+                            exec_id: p.exec_id.clone(),
+                            signal: 9,
+                            all: false,
+                        }),
+                        CALL,
+                    )
+                    .await;
+                agent
+                    .call(
+                        request::Call::DeleteExec(api::ProcessRef {
+                            id: p.id.clone(),
+                            exec_id: p.exec_id.clone(),
+                        }),
+                        CALL,
+                    )
+                    .await
+            } else {
+                agent
+                    .call(
+                        request::Call::Delete(api::Delete {
+                            id: p.id.clone(),
+                            force: true,
+                        }),
+                        CALL,
+                    )
+                    .await
+            };
+            if let Err(e) = removed {
+                tracing::warn!(sandbox = %self.req.id, container = %p.id, "{e}");
+            }
+        }
+        parking.unpark_rest();
+        self.ledger.save(&vm, &self.containers).await;
+        tracing::info!(
+            namespace = %self.req.namespace,
+            sandbox = %self.req.id,
+            pid = vm.pid,
+            containers = self.containers.lock().unwrap().len(),
+            "sandbox VM taken over after a crash"
+        );
+        Ok(())
+    }
+
+    /// Rebuilds the containers of a record; `stdin_from` gives the opened
+    /// stdin FIFO a process's record points at, if one was handed over.
+    fn adopt_containers(
+        &self,
+        agent: &Arc<Agent>,
+        containers: Vec<ContainerRecord>,
+        mut stdin_from: impl FnMut(Option<usize>) -> Option<OwnedFd>,
+    ) {
+        for c in containers {
             let mut init = None;
             let mut execs = HashMap::new();
             for p in c.processes {
-                let from = p
-                    .stdin_fd
-                    .and_then(|i| rest.get_mut(i).and_then(Option::take));
-                let io = adopt_process(&agent, p.streams, p.stdin, from);
+                let from = stdin_from(p.stdin_fd);
+                let io = adopt_process(agent, p.streams, p.stdin, from);
                 match p.exec_id.as_str() {
                     "" => init = Some(io),
                     e => {
@@ -144,19 +339,11 @@ impl VmSandbox {
                 init: Mutex::new(init.unwrap_or_default()),
                 execs: Mutex::new(execs),
             };
-            sandbox
-                .containers
+            self.containers
                 .lock()
                 .unwrap()
                 .insert(c.id, Arc::new(state));
         }
-        *sandbox.vm.lock().unwrap() = Some(Arc::new(vm));
-        // The agent sends what it held since the predecessor's Hold; exits
-        // wait for their tasks in the agent's unrouted events.
-        agent
-            .call(request::Call::Release(api::Empty {}), CALL)
-            .await?;
-        Ok(sandbox)
     }
 
     fn vm(&self) -> Result<Arc<Vm>> {
@@ -199,6 +386,7 @@ impl Sandbox for VmSandbox {
                 dir: &self.req.state_dir,
                 hello,
                 timeout: Duration::from_millis(config.boot_timeout_ms),
+                parking: self.req.parking.clone(),
             },
             &self.shared.reaper,
         )
@@ -217,7 +405,9 @@ impl Sandbox for VmSandbox {
         );
         vm.keep_time();
         let pid = vm.pid as u32;
-        *self.vm.lock().unwrap() = Some(Arc::new(vm));
+        let vm = Arc::new(vm);
+        *self.vm.lock().unwrap() = Some(vm.clone());
+        self.ledger.save(&vm, &self.containers).await;
         Ok(pid)
     }
 
@@ -229,6 +419,7 @@ impl Sandbox for VmSandbox {
             ))
             .await;
         }
+        self.ledger.remove();
         self.remove_dir();
         Ok(())
     }
@@ -286,11 +477,13 @@ impl Sandbox for VmSandbox {
             .lock()
             .unwrap()
             .insert(req.id, state.clone());
+        self.ledger.save(&vm, &self.containers).await;
         Ok(Box::new(VmContainer {
             shared: self.shared.clone(),
             vm,
             state,
             containers: self.containers.clone(),
+            ledger: self.ledger.clone(),
         }))
     }
 
@@ -314,6 +507,7 @@ impl Sandbox for VmSandbox {
             vm,
             state,
             containers: self.containers.clone(),
+            ledger: self.ledger.clone(),
         }))
     }
 
@@ -332,42 +526,8 @@ impl Sandbox for VmSandbox {
         vm.agent
             .call(request::Call::Hold(api::Empty {}), CALL)
             .await?;
-        let (agent, mut fds) = vm.agent.export()?;
-        let mut containers = Vec::new();
-        let states: Vec<Arc<ContainerState>> =
-            self.containers.lock().unwrap().values().cloned().collect();
-        for c in states {
-            let mut processes = Vec::new();
-            let mut export = |exec_id: &str, p: &ProcessIo, fds: &mut Vec<OwnedFd>| {
-                let stdin_fd = p.io.handover().stdin_from.map(|fd| {
-                    fds.push(fd);
-                    fds.len() - 1 - (1 + agent.outputs.len())
-                });
-                processes.push(ProcessRecord {
-                    exec_id: exec_id.to_string(),
-                    streams: p.streams.clone(),
-                    stdin: p.stdin.clone(),
-                    stdin_fd,
-                });
-            };
-            export("", &*c.init.lock().await, &mut fds);
-            for (e, p) in c.execs.lock().await.iter() {
-                export(e, p, &mut fds);
-            }
-            containers.push(ContainerRecord {
-                id: c.id.clone(),
-                namespace: c.namespace.clone(),
-                pid: c.pid,
-                share: c.share.record(),
-                processes,
-            });
-        }
-        let record = SandboxRecord {
-            pid: vm.pid,
-            kernel_release: vm.guest.kernel_release.clone(),
-            agent,
-            containers,
-        };
+        let mut fds = Vec::new();
+        let record = snapshot(&vm, &self.containers, Some(&mut fds)).await?;
         let record = serde_json::to_value(record).map_err(|e| Error::Internal(e.to_string()))?;
         Ok((record, fds))
     }
@@ -527,6 +687,7 @@ struct VmContainer {
     vm: Arc<Vm>,
     state: Arc<ContainerState>,
     containers: Containers,
+    ledger: Arc<Ledger>,
 }
 
 impl std::ops::Deref for VmContainer {
@@ -596,6 +757,7 @@ impl Container for VmContainer {
         .await?;
         agent.process_started(&self.id, exec_id);
         self.execs.lock().await.insert(exec_id.to_string(), io);
+        self.ledger.save(&self.vm, &self.containers).await;
         Ok(pid)
     }
 
@@ -688,10 +850,12 @@ impl Container for VmContainer {
     }
 
     async fn delete_exec(&self, exec_id: &str) {
-        if let Some(p) = self.execs.lock().await.remove(exec_id) {
+        let removed = self.execs.lock().await.remove(exec_id);
+        if let Some(p) = removed {
             for s in p.streams {
                 self.vm.agent.drop_output(s);
             }
+            self.ledger.save(&self.vm, &self.containers).await;
         }
         if !self.vm.agent.is_dead() {
             let _ = self
@@ -722,6 +886,7 @@ impl Container for VmContainer {
         }
         self.share.release();
         self.containers.lock().unwrap().remove(&self.id);
+        self.ledger.save(&self.vm, &self.containers).await;
         Ok(())
     }
 }
@@ -731,18 +896,13 @@ impl Container for VmContainer {
 /// there) is killed, the shares under the directory are unmounted, and the
 /// directory goes once nothing is mounted in it.
 pub async fn discard(state_dir: &std::path::Path) -> Result<()> {
-    let needle = state_dir.join("console.log");
-    let needle = needle.as_os_str().as_encoded_bytes();
     let mut killed = Vec::new();
     if let Ok(procs) = std::fs::read_dir("/proc") {
         for p in procs.flatten() {
             let Some(pid) = p.file_name().to_str().and_then(|n| n.parse::<i32>().ok()) else {
                 continue;
             };
-            let Ok(cmdline) = std::fs::read(p.path().join("cmdline")) else {
-                continue;
-            };
-            if cmdline.windows(needle.len()).any(|w| w == needle) {
+            if Vm::is_ours(pid, state_dir) {
                 let pid = nix::unistd::Pid::from_raw(pid);
                 let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGKILL);
                 killed.push(pid);
@@ -791,4 +951,58 @@ pub async fn discard(state_dir: &std::path::Path) -> Result<()> {
     }
     tracing::info!(dir = %state_dir.display(), vms = killed.len(), "discarded the VM of a crashed daemon");
     Ok(())
+}
+
+/// The record of a running sandbox. With `fds`, for a live upgrade: the
+/// agent channel, the outputs and the opened stdin FIFOs are duplicated
+/// into it, in the order the record names them.
+async fn snapshot(
+    vm: &Vm,
+    containers: &Containers,
+    mut fds: Option<&mut Vec<OwnedFd>>,
+) -> Result<SandboxRecord> {
+    let agent = match fds.as_deref_mut() {
+        Some(fds) => {
+            let (agent, exported) = vm.agent.export()?;
+            fds.extend(exported);
+            agent
+        }
+        None => vm.agent.record(),
+    };
+    let handed = fds.as_ref().map_or(0, |f| f.len());
+    let mut records = Vec::new();
+    let states: Vec<Arc<ContainerState>> = containers.lock().unwrap().values().cloned().collect();
+    for c in states {
+        let mut processes = Vec::new();
+        let mut export = |exec_id: &str, p: &ProcessIo| {
+            let stdin_fd = fds.as_deref_mut().and_then(|fds| {
+                let fd = p.io.handover().stdin_from?;
+                fds.push(fd);
+                Some(fds.len() - 1 - handed)
+            });
+            processes.push(ProcessRecord {
+                exec_id: exec_id.to_string(),
+                streams: p.streams.clone(),
+                stdin: p.stdin.clone(),
+                stdin_fd,
+            });
+        };
+        export("", &*c.init.lock().await);
+        for (e, p) in c.execs.lock().await.iter() {
+            export(e, p);
+        }
+        records.push(ContainerRecord {
+            id: c.id.clone(),
+            namespace: c.namespace.clone(),
+            pid: c.pid,
+            share: c.share.record(),
+            processes,
+        });
+    }
+    Ok(SandboxRecord {
+        pid: vm.pid,
+        kernel_release: vm.guest.kernel_release.clone(),
+        agent,
+        containers: records,
+    })
 }

@@ -6,6 +6,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
 use kuasar_agent_api::{self as api, request, response};
+use kuasar_core::backend::Parking;
 use kuasar_core::config::VmmConfig;
 use kuasar_core::error::{io_context, Error, Result};
 use kuasar_host::reaper::Reaper;
@@ -42,6 +43,8 @@ pub struct BootRequest<'a> {
     pub dir: &'a Path,
     pub hello: api::Hello,
     pub timeout: Duration,
+    /// Where the agent channel and the processes' outputs are parked.
+    pub parking: Parking,
 }
 
 impl Vm {
@@ -64,7 +67,7 @@ impl Vm {
             console: &console,
         };
         let pid = qemu::start(&spec, guest.into(), &req.dir.join("qemu.log"))?;
-        let agent = Agent::connect(host.into())?;
+        let agent = Agent::connect(host.into(), req.parking)?;
         let vm = Vm::watch(
             pid,
             agent,
@@ -132,6 +135,30 @@ impl Vm {
             console,
             exit,
         }
+    }
+
+    /// A VM a crashed predecessor started: qemu is no longer this daemon's
+    /// child (the holder reaps it and reports its exit), so a pidfd says
+    /// when it ends.
+    pub fn watch_foreign(
+        pid: i32,
+        agent: Arc<Agent>,
+        guest: Guest,
+        dir: &Path,
+        reaper: &Arc<Reaper>,
+    ) -> Vm {
+        let vm = Vm::watch(pid, agent, guest, dir, reaper);
+        reaper.watch_foreign(pid, Duration::from_secs(2), KILLED_STATUS);
+        vm
+    }
+
+    /// Whether `pid` is the qemu of the VM whose directory is `dir` (its
+    /// console log is there), not a process that took its pid.
+    pub fn is_ours(pid: i32, dir: &Path) -> bool {
+        let needle = dir.join("console.log");
+        let needle = needle.as_os_str().as_encoded_bytes();
+        std::fs::read(format!("/proc/{pid}/cmdline"))
+            .is_ok_and(|c| c.windows(needle.len()).any(|w| w == needle))
     }
 
     /// Powers the guest off cleanly, then kills qemu after `timeout`.

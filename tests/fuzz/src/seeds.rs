@@ -249,16 +249,24 @@ fn agent_seeds() -> Vec<(String, Vec<u8>)> {
         )),
     ];
     vec![
-        ("hello".into(), planned(0, &[hello])),
+        ("hello".into(), planned(0, &[hello.clone()])),
         ("from-the-guest-in-chunks".into(), planned(5, &from_guest)),
         (
             "undecodable-then-output".into(),
-            planned(0, &[vec![0, 0, 0, 2, 0xff, 0xff], from_guest[1].clone()]),
+            planned(0, &[vec![0x05, 0xff, 0xff, 0], from_guest[1].clone()]),
         ),
         (
-            "oversized".into(),
-            planned(0, &[(agent::MAX_FRAME as u32 + 1).to_be_bytes().to_vec()]),
+            "cut-by-a-crash-then-whole".into(),
+            planned(
+                3,
+                &[
+                    hello[..hello.len() / 2].to_vec(),
+                    vec![agent::DELIMITER],
+                    hello.clone(),
+                ],
+            ),
         ),
+        ("padding".into(), planned(0, &[vec![0, 0], hello, vec![0]])),
     ]
 }
 

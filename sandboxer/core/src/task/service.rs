@@ -121,9 +121,9 @@ fn forward_events(
                         exec_id.as_deref().unwrap_or(""),
                     );
                     task.on_exit(exec_id.as_deref(), status);
-                    if exec_id.is_none() {
-                        daemon.save_task(&task);
-                    }
+                    // An exec's too: a restart after a crash must not take
+                    // it for running.
+                    daemon.save_task(&task);
                 }
                 ContainerEvent::Oom => {
                     let mut ev = TaskOOM::new();
@@ -398,9 +398,8 @@ impl TaskService {
             }
         };
         process.started(pid, &task.events);
-        if process.is_init() {
-            self.daemon.save_task(&task);
-        }
+        // An exec's too: a restart after a crash takes it over.
+        self.daemon.save_task(&task);
         let mut resp = StartResponse::new();
         resp.pid = pid;
         Ok(resp)
@@ -437,6 +436,7 @@ impl TaskService {
         } else {
             task.container.delete_exec(&req.exec_id).await;
             task.execs.lock().unwrap().remove(&req.exec_id);
+            self.daemon.save_task(&task);
         }
         let mut resp = DeleteResponse::new();
         resp.pid = view.pid;
