@@ -942,6 +942,75 @@ pub fn daemon_of(holder: u32) -> Option<u32> {
         .find(|&p| cmdline(p).contains("kuasar-sandboxer"))
 }
 
+/// A running command with a piped stdin whose output is collected as it
+/// comes.
+pub struct Interactive {
+    child: std::process::Child,
+    stdin: Option<std::process::ChildStdin>,
+    out: std::sync::mpsc::Receiver<Vec<u8>>,
+    seen: String,
+}
+
+impl Interactive {
+    pub fn spawn(cmd: &mut std::process::Command) -> Interactive {
+        let mut child = cmd
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::inherit())
+            .spawn()
+            .unwrap();
+        let stdin = child.stdin.take();
+        let mut stdout = child.stdout.take().unwrap();
+        let (tx, out) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let mut buf = [0u8; 4096];
+            while let Ok(n) = std::io::Read::read(&mut stdout, &mut buf) {
+                if n == 0 || tx.send(buf[..n].to_vec()).is_err() {
+                    break;
+                }
+            }
+        });
+        Interactive {
+            child,
+            stdin,
+            out,
+            seen: String::new(),
+        }
+    }
+
+    pub fn send(&mut self, text: &str) {
+        let stdin = self.stdin.as_mut().unwrap();
+        std::io::Write::write_all(stdin, text.as_bytes()).unwrap();
+        std::io::Write::flush(stdin).unwrap();
+    }
+
+    pub fn expect(&mut self, needle: &str, env: &Env) {
+        let deadline = std::time::Instant::now() + Duration::from_secs(30);
+        while !self.seen.contains(needle) {
+            let left = deadline.saturating_duration_since(std::time::Instant::now());
+            match self.out.recv_timeout(left) {
+                Ok(b) => self.seen.push_str(&String::from_utf8_lossy(&b)),
+                Err(_) => panic!("no {needle:?} in {:?}\n{}", self.seen, env.log_tails()),
+            }
+        }
+    }
+
+    pub fn finish(mut self) -> std::process::ExitStatus {
+        drop(self.stdin.take());
+        let deadline = std::time::Instant::now() + Duration::from_secs(30);
+        loop {
+            if let Some(st) = self.child.try_wait().unwrap() {
+                return st;
+            }
+            if std::time::Instant::now() > deadline {
+                let _ = self.child.kill();
+                panic!("interactive command did not end: {:?}", self.seen);
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
 /// SIGKILLs the daemon under `holder` (env `dir`) and waits until the
 /// holder has started it again and it has taken over; returns its pid.
 pub(crate) fn crash_daemon(dir: &Path, holder: u32, while_down: impl FnOnce()) -> u32 {

@@ -12,7 +12,7 @@ use std::os::unix::net::UnixStream;
 use std::process::Command;
 use std::time::Duration;
 
-use kuasar_e2e::{is_kuasar, run_cmd, runtime_under_test, Env, Version};
+use kuasar_e2e::{is_kuasar, run_cmd, runtime_under_test, Env, Interactive, Version};
 use kuasar_protocol::{wire, Client, Code, Error};
 
 kuasar_e2e::both_versions!(
@@ -625,75 +625,6 @@ fn task_events_reach_containerd_in_order(v: Version) {
     }
     assert!(line("/tasks/start").contains("\"pid\":"), "{text}");
     env.assert_clean();
-}
-
-/// A running command with a piped stdin whose output is collected as it
-/// comes.
-struct Interactive {
-    child: std::process::Child,
-    stdin: Option<std::process::ChildStdin>,
-    out: std::sync::mpsc::Receiver<Vec<u8>>,
-    seen: String,
-}
-
-impl Interactive {
-    fn spawn(cmd: &mut Command) -> Interactive {
-        let mut child = cmd
-            .stdin(std::process::Stdio::piped())
-            .stdout(std::process::Stdio::piped())
-            .stderr(std::process::Stdio::null())
-            .spawn()
-            .unwrap();
-        let stdin = child.stdin.take();
-        let mut stdout = child.stdout.take().unwrap();
-        let (tx, out) = std::sync::mpsc::channel();
-        std::thread::spawn(move || {
-            let mut buf = [0u8; 4096];
-            while let Ok(n) = stdout.read(&mut buf) {
-                if n == 0 || tx.send(buf[..n].to_vec()).is_err() {
-                    break;
-                }
-            }
-        });
-        Interactive {
-            child,
-            stdin,
-            out,
-            seen: String::new(),
-        }
-    }
-
-    fn send(&mut self, text: &str) {
-        let stdin = self.stdin.as_mut().unwrap();
-        stdin.write_all(text.as_bytes()).unwrap();
-        stdin.flush().unwrap();
-    }
-
-    fn expect(&mut self, needle: &str, env: &Env) {
-        let deadline = std::time::Instant::now() + Duration::from_secs(30);
-        while !self.seen.contains(needle) {
-            let left = deadline.saturating_duration_since(std::time::Instant::now());
-            match self.out.recv_timeout(left) {
-                Ok(b) => self.seen.push_str(&String::from_utf8_lossy(&b)),
-                Err(_) => panic!("no {needle:?} in {:?}\n{}", self.seen, env.log_tails()),
-            }
-        }
-    }
-
-    fn finish(mut self) -> std::process::ExitStatus {
-        drop(self.stdin.take());
-        let deadline = std::time::Instant::now() + Duration::from_secs(30);
-        loop {
-            if let Some(st) = self.child.try_wait().unwrap() {
-                return st;
-            }
-            if std::time::Instant::now() > deadline {
-                let _ = self.child.kill();
-                panic!("interactive command did not end: {:?}", self.seen);
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
-    }
 }
 
 /// The sandboxer upgrades itself in place (SIGUSR2, twice) under running

@@ -70,6 +70,18 @@ pub fn stderr_name(namespace: &str, id: &str, exec_id: &str) -> String {
     }
 }
 
+/// The stdio descriptors of a process the daemon holds and parks (see
+/// [`Daemon::park_io`]), by the field of [`ProcessIoHandover`] they fill.
+pub const IO_FIELDS: [&str; 4] = ["master", "stdin_from", "stdin_to", "output_to"];
+
+/// The descriptor-store name of one stdio descriptor of a process.
+pub fn io_name(namespace: &str, id: &str, exec_id: &str, field: &str) -> String {
+    match exec_id {
+        "" => format!("io/{namespace}/{id}/i/{field}"),
+        e => format!("io/{namespace}/{id}/e/{e}/{field}"),
+    }
+}
+
 /// The descriptor-store name of a sandbox's listening socket.
 pub fn listener_name(namespace: &str, id: &str) -> String {
     format!("l/{namespace}/{id}")
@@ -953,17 +965,23 @@ impl Daemon {
         }
         let sandbox = self.sandbox(&record.namespace, &record.sandbox_id)?;
         let task = crate::task::service::restore_task(self, &sandbox, record, io, None).await?;
-        self.insert_task(task)
+        self.insert_task(task.clone())?;
+        // The new image's parking: the names are the predecessor's.
+        self.park_io(&task, None).await;
+        Ok(())
     }
 
     /// Takes over a task of a crashed predecessor; `lost` says why its
     /// workload is gone, if it is, and `parked` are the stderr write ends
     /// kept for its processes (by exec id, empty for init).
+    /// `io`: the stdio plumbing parked for its processes (see
+    /// [`Daemon::park_io`]).
     pub async fn adopt_task_after_crash(
         self: &Arc<Self>,
         record: TaskRecord,
         lost: Option<&str>,
         parked: HashMap<String, OwnedFd>,
+        io: Vec<ProcessIoHandover>,
     ) -> Result<()> {
         let sandbox = self.sandbox(&record.namespace, &record.sandbox_id)?;
         let (ns, id) = (record.namespace.clone(), record.id.clone());
@@ -972,14 +990,16 @@ impl Daemon {
             self,
             &sandbox,
             record,
-            Vec::new(),
+            io,
             lost.map(|l| (l, parked)),
         )
         .await?;
         for exec in execs {
             self.store.remove(&stderr_name(&ns, &id, &exec));
         }
-        self.insert_task(task)
+        self.insert_task(task.clone())?;
+        self.park_io(&task, None).await;
+        Ok(())
     }
 
     /// For a process whose workload lives in this daemon's memory, keeps a
@@ -1008,6 +1028,77 @@ impl Daemon {
         };
         let name = stderr_name(ns, id, exec_id);
         self.store.store(&name, &[f.as_fd()]);
+        self.parked.lock().unwrap().insert(name);
+    }
+
+    /// For a process whose workload outlives the daemon, parks the stdio
+    /// plumbing the daemon holds for it (the terminal master, the ends of
+    /// the stdin copy, where terminal output goes), so that after a crash
+    /// the restarted daemon restarts its copies: the terminal is not hung
+    /// up and stdin sees no end. The stdin ends are let go when the copy
+    /// ends (its end then reaches the process), the rest when the process
+    /// exits. Call once the process runs (`exec_id` `None`: every running
+    /// process of the task, after it was taken over).
+    pub async fn park_io(self: &Arc<Self>, task: &Task, exec_id: Option<&str>) {
+        if !self.store.held() || !self.survives_crash(task.kind.as_str()) {
+            return;
+        }
+        for h in task.container.handover_io().await {
+            let label = h.exec_id.clone().unwrap_or_default();
+            let wanted = match exec_id {
+                Some(e) => e == label,
+                None => task.process_running(h.exec_id.as_deref()),
+            };
+            if !wanted {
+                continue;
+            }
+            let fds = [
+                h.master.as_ref(),
+                h.fds.stdin_from.as_ref(),
+                h.fds.stdin_to.as_ref(),
+                h.fds.output_to.as_ref(),
+            ];
+            for (field, fd) in IO_FIELDS.iter().zip(fds) {
+                if let Some(fd) = fd {
+                    let name = io_name(&task.namespace, &task.id, &label, field);
+                    self.store.store(&name, &[fd.as_fd()]);
+                    self.parked.lock().unwrap().insert(name);
+                }
+            }
+            if let Some(mut end) = h.fds.stdin_end {
+                let daemon = Arc::downgrade(self);
+                let names: Vec<String> = ["stdin_from", "stdin_to"]
+                    .iter()
+                    .map(|f| io_name(&task.namespace, &task.id, &label, f))
+                    .collect();
+                tokio::spawn(async move {
+                    while end.changed().await.is_ok() {}
+                    let Some(daemon) = daemon.upgrade() else {
+                        return;
+                    };
+                    for name in names {
+                        if daemon.parked.lock().unwrap().remove(&name) {
+                            daemon.store.remove(&name);
+                        }
+                    }
+                });
+            }
+        }
+    }
+
+    /// The process ended: its parked stdio plumbing is let go.
+    pub fn unpark_io(&self, ns: &str, id: &str, exec_id: &str) {
+        for field in IO_FIELDS {
+            let name = io_name(ns, id, exec_id, field);
+            if self.parked.lock().unwrap().remove(&name) {
+                self.store.remove(&name);
+            }
+        }
+    }
+
+    /// Names parked by a crashed predecessor that this daemon lets go of
+    /// when their process ends.
+    pub fn keep_parked(&self, name: String) {
         self.parked.lock().unwrap().insert(name);
     }
 

@@ -16,7 +16,8 @@ use std::os::fd::OwnedFd;
 use std::sync::Arc;
 use std::time::Duration;
 
-use crate::daemon::{listener_name, parking_prefix, Daemon};
+use crate::backend::ProcessIoHandover;
+use crate::daemon::{listener_name, parking_prefix, Daemon, IO_FIELDS};
 use crate::error::Result;
 use crate::fdstore::Inherited;
 use crate::rpc::server::{parse_conn_name, ConnHandover};
@@ -180,8 +181,12 @@ pub async fn recover(daemon: &Arc<Daemon>, inherited: &mut Inherited) -> Result<
                 parked.insert(exec, fd);
             }
         }
+        let io = match lost {
+            None => parked_io(daemon, inherited, &t),
+            Some(_) => Vec::new(),
+        };
         match daemon
-            .adopt_task_after_crash(t, lost.as_deref(), parked)
+            .adopt_task_after_crash(t, lost.as_deref(), parked, io)
             .await
         {
             Ok(()) => report.tasks += 1,
@@ -219,6 +224,10 @@ pub async fn recover(daemon: &Arc<Daemon>, inherited: &mut Inherited) -> Result<
         }
     }
     for name in inherited.names("e/") {
+        inherited.take(&name);
+        daemon.store.remove(&name);
+    }
+    for name in inherited.names("io/") {
         inherited.take(&name);
         daemon.store.remove(&name);
     }
@@ -271,4 +280,52 @@ async fn adopt(
         Some(fd) => daemon.adopt_sandbox(s, fd, Vec::new(), parked).await,
         None => daemon.reopen_sandbox(s, parked).await,
     }
+}
+
+/// The stdio plumbing parked for a task's processes (see
+/// [`Daemon::park_io`]); it stays parked until each process ends. A stdin
+/// copy whose FIFO was not open yet opens it again by path.
+fn parked_io(daemon: &Daemon, inherited: &mut Inherited, t: &TaskRecord) -> Vec<ProcessIoHandover> {
+    let prefix = format!("io/{}/{}/", t.namespace, t.id);
+    let mut by_exec: HashMap<String, ProcessIoHandover> = HashMap::new();
+    for name in inherited.names(&prefix) {
+        let rest = &name[prefix.len()..];
+        let (exec, field) = match rest.split_once('/') {
+            Some(("i", field)) => ("", field),
+            Some(("e", rest)) => match rest.rsplit_once('/') {
+                Some(parts) => parts,
+                None => continue,
+            },
+            _ => continue,
+        };
+        if !IO_FIELDS.contains(&field) {
+            continue;
+        }
+        let Some(fd) = inherited.take(&name).and_then(|mut v| v.pop()) else {
+            continue;
+        };
+        let h = by_exec.entry(exec.to_string()).or_insert_with(|| {
+            let stdio = match exec {
+                "" => Some(&t.init.stdio),
+                e => t
+                    .execs
+                    .iter()
+                    .find(|x| x.exec_id == e)
+                    .map(|x| &x.process.stdio),
+            };
+            ProcessIoHandover {
+                exec_id: (!exec.is_empty()).then(|| exec.to_string()),
+                stdin_path: stdio.map(|s| s.stdin.clone()).unwrap_or_default(),
+                ..Default::default()
+            }
+        });
+        match field {
+            "master" => h.master = Some(fd),
+            "stdin_from" => h.fds.stdin_from = Some(fd),
+            "stdin_to" => h.fds.stdin_to = Some(fd),
+            _ => h.fds.output_to = Some(fd),
+        }
+        daemon.keep_parked(name);
+    }
+    by_exec.into_values().collect()
 }

@@ -441,6 +441,7 @@ fn adopt_io(r: &IoRecord, seen: &mut HashSet<RawFd>) -> Result<ProcessIoHandover
             stdin_from: take(r.stdin_from)?,
             stdin_to: take(r.stdin_to)?,
             output_to: take(r.output_to)?,
+            stdin_end: None,
         },
         logger_pid: r.logger_pid,
         stdin_path: String::new(),

@@ -316,6 +316,8 @@ pub struct IoFds {
     pub stdin_to: Option<OwnedFd>,
     /// Where the terminal's output goes; `None` without a terminal copy.
     pub output_to: Option<OwnedFd>,
+    /// Ends (its sender is dropped) when the stdin copy ends.
+    pub stdin_end: Option<tokio::sync::watch::Receiver<()>>,
 }
 
 #[derive(Default)]
@@ -323,6 +325,8 @@ pub struct IoTasks {
     stdin: Option<(JoinHandle<()>, Option<FifoHandle>)>,
     /// (from, to) of the stdin copy.
     stdin_fds: Option<(FdSlot, FdSlot)>,
+    /// See [`IoFds::stdin_end`].
+    stdin_end: Option<tokio::sync::watch::Receiver<()>>,
     outputs: Vec<JoinHandle<()>>,
     /// `to` of each output copy.
     output_fds: Vec<FdSlot>,
@@ -334,12 +338,15 @@ impl IoTasks {
     pub fn copy_stdin(&mut self, path: &str, to: OwnedFd) -> Result<()> {
         let fifo = FifoHandle::open(Path::new(path))?;
         let (from_slot, to_slot) = (slot(None)?, slot(Some(&to))?);
+        let (end_tx, end_rx) = tokio::sync::watch::channel(());
+        self.stdin_end = Some(end_rx);
         let task = tokio::spawn({
             let reopen = fifo.proc_path();
             let guard = SlotGuard(vec![from_slot.clone(), to_slot.clone()]);
             async move {
                 // Moved in whole: dropping the future drops it.
                 let guard = guard;
+                let _end = end_tx;
                 // Opening for reading waits for the client's writer.
                 let opened = tokio::task::spawn_blocking(move || {
                     OpenOptions::new()
@@ -369,8 +376,11 @@ impl IoTasks {
         let guard = SlotGuard(vec![from_slot.clone(), to_slot.clone()]);
         let mut from = FdStream::new(from).map_err(io_context("watching stdin"))?;
         let mut to = writer(to).map_err(io_context("watching the process's stdin"))?;
+        let (end_tx, end_rx) = tokio::sync::watch::channel(());
+        self.stdin_end = Some(end_rx);
         let task = tokio::spawn(async move {
             let _guard = guard;
+            let _end = end_tx;
             let _ = tokio::io::copy(&mut from, &mut to).await;
         });
         self.stdin = Some((task, None));
@@ -398,6 +408,7 @@ impl IoTasks {
             stdin_from: self.stdin_fds.as_ref().and_then(|(f, _)| dup_slot(f)),
             stdin_to: self.stdin_fds.as_ref().and_then(|(_, t)| dup_slot(t)),
             output_to: self.output_fds.iter().find_map(dup_slot),
+            stdin_end: self.stdin_end.clone(),
         }
     }
 

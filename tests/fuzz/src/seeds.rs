@@ -249,7 +249,7 @@ fn agent_seeds() -> Vec<(String, Vec<u8>)> {
         )),
     ];
     vec![
-        ("hello".into(), planned(0, &[hello.clone()])),
+        ("hello".into(), planned(0, std::slice::from_ref(&hello))),
         ("from-the-guest-in-chunks".into(), planned(5, &from_guest)),
         (
             "undecodable-then-output".into(),

@@ -381,6 +381,19 @@ impl Task {
     }
 
     /// Applies an exit reported by the backend.
+    /// Whether the process (`None`: the init process) was started and has
+    /// not exited.
+    pub fn process_running(&self, exec_id: Option<&str>) -> bool {
+        let process = match exec_id {
+            None => Some(self.init.clone()),
+            Some(e) => self.execs.lock().unwrap().get(e).cloned(),
+        };
+        process.is_some_and(|p| {
+            let v = p.view();
+            v.exit.is_none() && v.status != Status::CREATED
+        })
+    }
+
     pub fn on_exit(&self, exec_id: Option<&str>, status: u32) {
         let process = match exec_id {
             None => Some(self.init.clone()),

@@ -120,6 +120,7 @@ fn forward_events(
                         &task.id,
                         exec_id.as_deref().unwrap_or(""),
                     );
+                    daemon.unpark_io(&task.namespace, &task.id, exec_id.as_deref().unwrap_or(""));
                     task.on_exit(exec_id.as_deref(), status);
                     // An exec's too: a restart after a crash must not take
                     // it for running.
@@ -370,7 +371,16 @@ impl TaskService {
     async fn start(&self, ns: &str, req: StartRequest) -> Result<StartResponse> {
         let task = self.daemon.task(ns, &req.id)?;
         let process = self.process(&task, &req.exec_id)?;
-        if process.view().status != Status::CREATED {
+        let view = process.view();
+        if view.status != Status::CREATED && view.pid != 0 {
+            // Started already: a Start dispatched again after a crash of
+            // the daemon (its answer was not written) gets the answer it
+            // would have had.
+            let mut resp = StartResponse::new();
+            resp.pid = view.pid;
+            return Ok(resp);
+        }
+        if view.status != Status::CREATED {
             return Err(Error::FailedPrecondition(format!(
                 "process {} of task {} was already started",
                 process_label(&req.exec_id),
@@ -400,6 +410,7 @@ impl TaskService {
         process.started(pid, &task.events);
         // An exec's too: a restart after a crash takes it over.
         self.daemon.save_task(&task);
+        self.daemon.park_io(&task, Some(&req.exec_id)).await;
         let mut resp = StartResponse::new();
         resp.pid = pid;
         Ok(resp)
