@@ -517,6 +517,24 @@ impl Env {
         self.ctr_client().command()
     }
 
+    /// `ctr task exec` of `cmd` in task `id`, its stdin piped.
+    pub fn exec_interactive(&self, id: &str, exec_id: &str, cmd: &[&str]) -> Interactive {
+        let mut c = self.ctr_command();
+        c.args(["task", "exec", "--exec-id", exec_id, id]).args(cmd);
+        Interactive::spawn(&mut c)
+    }
+
+    /// `ctr task exec -t` of `sh -c SCRIPT` in task `id`, on a terminal
+    /// (`script` gives ctr one).
+    pub fn exec_on_terminal(&self, id: &str, exec_id: &str, script: &str) -> Interactive {
+        let ctr = format!(
+            "{} --address {} task exec -t --exec-id {exec_id} {id} sh -c '{script}'",
+            self.version.bin_dir().join("ctr").display(),
+            self.grpc_socket().display()
+        );
+        Interactive::spawn(Command::new("script").args(["-qec", &ctr, "/dev/null"]))
+    }
+
     /// A `ctr` of this env that another thread can drive while this one
     /// restarts or upgrades daemons.
     pub fn ctr_client(&self) -> CtrClient {

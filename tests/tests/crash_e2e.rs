@@ -10,7 +10,7 @@
 
 use std::time::Duration;
 
-use kuasar_e2e::{guest_dir, run_cmd, Env, Interactive, Version, KUASAR_RUNC as RUNTIME_KUASAR};
+use kuasar_e2e::{guest_dir, run_cmd, Env, Version, KUASAR_RUNC as RUNTIME_KUASAR};
 
 const VMM: &str = "io.containerd.kuasarvmm.v1";
 
@@ -96,23 +96,10 @@ fn a_crash_with_twenty_running_containers_loses_no_task(v: Version) {
 fn terminals_and_stdin_of_runc_tasks_survive_crashes(v: Version) {
     let mut env = Env::start(v);
     env.run_detached(RUNTIME_KUASAR, "t1", &["sleep", "600"]);
-    let mut cat = Interactive::spawn(env.ctr_command().args([
-        "task",
-        "exec",
-        "--exec-id",
-        "cat",
-        "t1",
-        "cat",
-    ]));
+    let mut cat = env.exec_interactive("t1", "cat", &["cat"]);
     cat.send("one\n");
     cat.expect("one", &env);
-    let ctr = format!(
-        "{} --address {} task exec -t --exec-id tty t1 sh -c 'echo ready; read x; echo got-$x'",
-        env.version.bin_dir().join("ctr").display(),
-        env.grpc_socket().display()
-    );
-    let mut tty =
-        Interactive::spawn(std::process::Command::new("script").args(["-qec", &ctr, "/dev/null"]));
+    let mut tty = env.exec_on_terminal("t1", "tty", "echo ready; read x; echo got-$x");
     tty.expect("ready", &env);
     // The process prints before its Start is answered; a crash inside that
     // call is another case (the Start is dispatched again): let it finish.

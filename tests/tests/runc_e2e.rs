@@ -12,7 +12,7 @@ use std::os::unix::net::UnixStream;
 use std::process::Command;
 use std::time::Duration;
 
-use kuasar_e2e::{is_kuasar, run_cmd, runtime_under_test, Env, Interactive, Version};
+use kuasar_e2e::{is_kuasar, run_cmd, runtime_under_test, Env, Version};
 use kuasar_protocol::{wire, Client, Code, Error};
 
 kuasar_e2e::both_versions!(
@@ -664,22 +664,10 @@ fn sandboxer_upgrade_keeps_tasks_connections_and_waits(v: Version) {
     // A Wait in flight across the upgrade.
     let waiter = foreground(&env, &rt, "u3");
     // Stdin copied into an exec, and a terminal exec, across the upgrade.
-    let mut cat = Interactive::spawn(env.ctr_command().args([
-        "task",
-        "exec",
-        "--exec-id",
-        "cat",
-        "u2",
-        "cat",
-    ]));
+    let mut cat = env.exec_interactive("u2", "cat", &["cat"]);
     cat.send("one\n");
     cat.expect("one", &env);
-    let ctr = format!(
-        "{} --address {} task exec -t --exec-id tty u2 sh -c 'echo ready; read x; echo got-$x'",
-        env.version.bin_dir().join("ctr").display(),
-        env.grpc_socket().display()
-    );
-    let mut tty = Interactive::spawn(Command::new("script").args(["-qec", &ctr, "/dev/null"]));
+    let mut tty = env.exec_on_terminal("u2", "tty", "echo ready; read x; echo got-$x");
     tty.expect("ready", &env);
     env.upgrade_sandboxer();
     assert_eq!(env.sandboxer_pid(), pid);
