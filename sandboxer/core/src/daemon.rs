@@ -513,6 +513,11 @@ impl Daemon {
                 let mut deleted = self.deleted.lock().unwrap();
                 deleted.retain(|_, (_, at)| at.elapsed() < DELETED_TTL);
                 deleted.insert(key(namespace, id), (tombstone, std::time::Instant::now()));
+                // Whatever of its stdio is still parked goes with it.
+                let execs: Vec<String> = t.execs.lock().unwrap().keys().cloned().collect();
+                for exec in std::iter::once("").chain(execs.iter().map(String::as_str)) {
+                    self.unpark_io(namespace, id, exec);
+                }
             }
             None => self.state.remove(Record::Task, namespace, id),
         }
